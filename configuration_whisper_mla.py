@@ -1,0 +1,183 @@
+"""Whisper-MLA configuration: Whisper's hyperparameters plus the multi-head latent attention (MLA) settings."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import WhisperConfig
+
+
+MLA_TARGETS = ("encoder_self", "decoder_self", "decoder_cross")
+KEY_SELECTIONS = ("uniform", "2-norm")
+SVD_METHODS = ("joint", "split")
+MLA_ATTN_IMPLEMENTATIONS = ("absorb", "naive")
+
+
+def uniform_kept_indices(head_dim: int, kept_key_dims: int) -> list[int]:
+    """Evenly spaced key dims of one head, e.g. head_dim=64, kept=4 -> [0, 21, 42, 63]."""
+    if kept_key_dims == 0:
+        return []
+    if kept_key_dims == 1:
+        return [0]
+    step = (head_dim - 1) / (kept_key_dims - 1)
+    return [round(i * step) for i in range(kept_key_dims)]
+
+
+@strict
+class WhisperMLAConfig(WhisperConfig):
+    r"""
+    Configuration of a Whisper model whose attention blocks in `mla_targets` use multi-head latent attention.
+
+    A converted block caches, per token, one latent of width `kv_lora_rank` shared by all heads plus
+    `kept_key_dims` uncompressed key dims per head, instead of full keys and values.
+
+    Args:
+        mla_targets (`list[str]`, defaults to `["decoder_self", "decoder_cross"]`):
+            Converted attention kinds, any of "encoder_self", "decoder_self", "decoder_cross". The encoder keeps no
+            cache at inference, so converting it costs accuracy and saves no cache memory.
+        kv_lora_rank (`int`, defaults to 96):
+            Width of the cached latent per token and converted block. With `svd_method="joint"` and
+            `kv_lora_rank == d_model` the conversion is exact.
+        kept_key_dims (`int`, defaults to 4):
+            Uncompressed key dims per head (DeepSeek's `qk_rope_head_dim`; Whisper has no RoPE).
+        key_selection (`str`, defaults to `"uniform"`):
+            How the kept key dims were chosen: "uniform" or "2-norm" (scored on calibration audio).
+        svd_method (`str`, defaults to `"joint"`):
+            "joint": one latent for compressed keys and values. "split": the first `kv_lora_rank // 2` latent
+            dims serve the keys, the rest the values.
+        mla_attn_implementation (`str`, defaults to `"absorb"`):
+            "absorb": attend directly over the cached latent (up-projections folded into query and output) in
+            eval mode. "naive": expand the latent to keys and values and use the attention interface.
+        kept_key_indices (`dict[str, list[list[int]]]`, *optional*):
+            For every converted block (e.g. "decoder.layers.0.self_attn"), the kept key dims of each head in the
+            original head layout. Defaults to uniform indices.
+        mla_conversion (`dict`, *optional*):
+            Provenance of the conversion (base model, calibration), written by the converter; informational.
+    """
+
+    model_type = "whisper_mla"
+
+    mla_targets: list[str] | tuple[str, ...] = ("decoder_self", "decoder_cross")
+    kv_lora_rank: int = 96
+    kept_key_dims: int = 4
+    key_selection: str = "uniform"
+    svd_method: str = "joint"
+    mla_attn_implementation: str = "absorb"
+    kept_key_indices: dict | None = None
+    mla_conversion: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.mla_targets = list(self.mla_targets)
+        self._validate_mla()
+        if self.kept_key_indices is None:
+            self.kept_key_indices = {
+                name: [
+                    uniform_kept_indices(self.mla_head_dim(name), self.kept_key_dims)
+                    for _ in range(self.mla_num_heads(name))
+                ]
+                for name in self.mla_block_names()
+            }
+        self._validate_kept_key_indices()
+
+    def mla_block_names(self) -> list[str]:
+        """Module paths (relative to `WhisperModel`) of the converted attention blocks, in model order."""
+        names = []
+        if "encoder_self" in self.mla_targets:
+            names += [f"encoder.layers.{i}.self_attn" for i in range(self.encoder_layers)]
+        for i in range(self.decoder_layers):
+            if "decoder_self" in self.mla_targets:
+                names.append(f"decoder.layers.{i}.self_attn")
+            if "decoder_cross" in self.mla_targets:
+                names.append(f"decoder.layers.{i}.encoder_attn")
+        return names
+
+    def mla_num_heads(self, block_name: str) -> int:
+        return self.encoder_attention_heads if block_name.startswith("encoder") else self.decoder_attention_heads
+
+    def mla_head_dim(self, block_name: str) -> int:
+        return self.d_model // self.mla_num_heads(block_name)
+
+    def mla_latent_split(self) -> tuple[int, int]:
+        """(key latent width, value latent width); both are the whole latent for joint SVD."""
+        if self.svd_method == "joint":
+            return self.kv_lora_rank, self.kv_lora_rank
+        return self.kv_lora_rank // 2, self.kv_lora_rank - self.kv_lora_rank // 2
+
+    def _validate_mla(self):
+        unknown = [t for t in self.mla_targets if t not in MLA_TARGETS]
+        if unknown or not self.mla_targets or len(set(self.mla_targets)) != len(self.mla_targets):
+            raise ValueError(
+                f"`mla_targets` expects a non-empty list of distinct values from {list(MLA_TARGETS)}, but found "
+                f"{self.mla_targets}; pass e.g. mla_targets=['decoder_self', 'decoder_cross']."
+            )
+        for name, value, allowed in (
+            ("key_selection", self.key_selection, KEY_SELECTIONS),
+            ("svd_method", self.svd_method, SVD_METHODS),
+            ("mla_attn_implementation", self.mla_attn_implementation, MLA_ATTN_IMPLEMENTATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}` expects one of {list(allowed)}, but found {value!r}; pick one of those.")
+        for kind, heads in (("encoder", self.encoder_attention_heads), ("decoder", self.decoder_attention_heads)):
+            if not any(t.startswith(kind) for t in self.mla_targets):
+                continue
+            head_dim = self.d_model // heads
+            if not 0 <= self.kept_key_dims <= head_dim:
+                raise ValueError(
+                    f"`kept_key_dims` expects a value in [0, head_dim={head_dim}] ({kind}: d_model={self.d_model}, "
+                    f"{heads} heads), but found {self.kept_key_dims}; lower it."
+                )
+            compressed = heads * (head_dim - self.kept_key_dims)
+            if self.svd_method == "joint":
+                max_rank = min(self.d_model, compressed + self.d_model)
+                if not 1 <= self.kv_lora_rank <= max_rank:
+                    raise ValueError(
+                        f"`kv_lora_rank` expects a value in [1, {max_rank}] (joint SVD of the {compressed} compressed "
+                        f"key rows and {self.d_model} value rows over d_model={self.d_model} inputs), but found "
+                        f"{self.kv_lora_rank}; pick a rank in that range ({max_rank} is exact)."
+                    )
+            else:
+                key_rank, value_rank = self.mla_latent_split()
+                max_key_rank = min(self.d_model, compressed)
+                if not (1 <= key_rank <= max_key_rank and 1 <= value_rank <= self.d_model):
+                    raise ValueError(
+                        f"`kv_lora_rank` with svd_method='split' is shared as key latent {key_rank} + value latent "
+                        f"{value_rank}; expected key latent in [1, {max_key_rank}] and value latent in "
+                        f"[1, {self.d_model}], but found kv_lora_rank={self.kv_lora_rank} with kept_key_dims="
+                        f"{self.kept_key_dims}; pick kv_lora_rank in [2, {max_key_rank + self.d_model}] or use "
+                        "svd_method='joint'."
+                    )
+
+    def _validate_kept_key_indices(self):
+        if not isinstance(self.kept_key_indices, dict):
+            raise ValueError(
+                f"`kept_key_indices` expects a dict {{block name: per-head index lists}}, but found "
+                f"{type(self.kept_key_indices).__name__}; pass None to use uniform indices."
+            )
+        expected = self.mla_block_names()
+        if sorted(self.kept_key_indices) != sorted(expected):
+            raise ValueError(
+                f"`kept_key_indices` expects exactly the converted blocks {expected}, but found "
+                f"{sorted(self.kept_key_indices)}; pass None to use uniform indices or fix the block names."
+            )
+        for name, per_head in self.kept_key_indices.items():
+            heads, head_dim = self.mla_num_heads(name), self.mla_head_dim(name)
+            shape_ok = isinstance(per_head, (list, tuple)) and len(per_head) == heads
+            shape_ok = shape_ok and all(isinstance(h, (list, tuple)) and len(h) == self.kept_key_dims for h in per_head)
+            if not shape_ok:
+                raise ValueError(
+                    f"`kept_key_indices[{name!r}]` expects {heads} lists (one per head) of {self.kept_key_dims} "
+                    f"indices, but found {per_head!r}; pass None to use uniform indices."
+                )
+            for head, indices in enumerate(per_head):
+                if len(set(indices)) != len(indices) or not all(
+                    isinstance(i, int) and 0 <= i < head_dim for i in indices
+                ):
+                    raise ValueError(
+                        f"`kept_key_indices[{name!r}][{head}]` expects distinct ints in [0, {head_dim}), but found "
+                        f"{indices}; fix the indices or pass None to use uniform ones."
+                    )
+
+    def mla_cache_values_per_token(self, block_name: str) -> int:
+        """Values cached per token by one converted block: the latent plus the kept key dims of every head."""
+        return self.kv_lora_rank + self.mla_num_heads(block_name) * self.kept_key_dims
+
+
+__all__ = ["WhisperMLAConfig"]

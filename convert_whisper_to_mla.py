@@ -1,0 +1,441 @@
+"""Convert a transformers Whisper checkpoint (MHA) into a Whisper-MLA checkpoint.
+
+For every converted block: choose `kept_key_dims` key dims per head (uniform, or by the 2-norm score
+mean|q_i| * mean|k_i| on calibration audio), and factorise the remaining key rows together with the value rows
+(joint SVD; or each on its own, split SVD) into a down-projection to the cached latent and up-projections. With
+calibration audio the SVD is activation-aware: it minimises the error on the block's real inputs X by factorising
+W C^(1/2), where C = X^T X / n, instead of W.
+
+    python convert_whisper_to_mla.py --model_name_or_path openai/whisper-small --output_dir out/ \
+        --kv_lora_rank 96 --kept_key_dims 4 --key_selection 2-norm --calibration_data AUDIO_SOURCE
+"""
+
+import copy
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoProcessor,
+    HfArgumentParser,
+    WhisperForConditionalGeneration,
+)
+
+from configuration_whisper_mla import WhisperMLAConfig
+from modeling_whisper_mla import WhisperMLAForConditionalGeneration, expected_cache_bytes_per_token
+
+
+REMOTE_CODE_FILES = ("configuration_whisper_mla.py", "modeling_whisper_mla.py", "pipeline_whisper_mla.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class MLAArguments:
+    """MLA settings, shared by convert_whisper_to_mla.py and run_finetune.py."""
+
+    kv_lora_rank: int = field(default=96, metadata={"help": "Latent width cached per token and converted block."})
+    kept_key_dims: int = field(default=4, metadata={"help": "Uncompressed key dims per head."})
+    key_selection: str = field(
+        default="uniform", metadata={"help": "How kept key dims are chosen.", "choices": ["uniform", "2-norm"]}
+    )
+    svd_method: str = field(default="joint", metadata={"help": "SVD variant.", "choices": ["joint", "split"]})
+    mla_targets: list[str] = field(
+        default_factory=lambda: ["decoder_self", "decoder_cross"],
+        metadata={"help": "Converted blocks: any of encoder_self, decoder_self, decoder_cross."},
+    )
+    mla_attn_implementation: str = field(
+        default="absorb", metadata={"help": "Decode path.", "choices": ["absorb", "naive"]}
+    )
+    calibration_data: str | None = field(
+        default=None,
+        metadata={"help": "Audio for calibration: a folder of audio files, a LibriSpeech-layout folder, a JSON "
+                  "manifest, or a datasets dataset (save_to_disk folder or Hub id)."},
+    )
+    calibration_samples: int = field(default=64, metadata={"help": "Clips used for calibration at most."})
+    activation_aware: bool | None = field(
+        default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
+    )
+
+
+@dataclass
+class ConversionArguments:
+    model_name_or_path: str = field(metadata={"help": "A transformers Whisper checkpoint: folder or Hub id."})
+    output_dir: str = field(metadata={"help": "Where the MLA checkpoint is written."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the checkpoint and its model card to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (default: output_dir's name)."})
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def load_calibration_audio(data: str, max_samples: int) -> list[np.ndarray]:
+    """16 kHz waveforms from any source `audio_data.load_speech_dataset` reads; transcripts are not needed."""
+    from audio_data import load_speech_dataset
+
+    return [example["audio"] for example in load_speech_dataset(data, max_samples=max_samples, require_text=False)]
+
+
+class _BlockStatistics:
+    """Running sums over calibration tokens for one attention block (float64)."""
+
+    def __init__(self, dim: int):
+        self.input_gram = torch.zeros(dim, dim, dtype=torch.float64)  # sum of x x^T over the block's key/value inputs
+        self.num_inputs = 0
+        self.query_abs = torch.zeros(dim, dtype=torch.float64)  # sum of |q| per query dim
+        self.num_queries = 0
+        self.key_abs = torch.zeros(dim, dtype=torch.float64)
+        self.num_keys = 0
+
+    def add_keys(self, inputs: torch.Tensor, keys: torch.Tensor):
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        self.input_gram += x.T @ x
+        self.num_inputs += x.shape[0]
+        self.key_abs += keys.reshape(-1, keys.shape[-1]).double().abs().sum(0)
+        self.num_keys += x.shape[0]
+
+    def add_queries(self, queries: torch.Tensor):
+        q = queries.reshape(-1, queries.shape[-1]).double()
+        self.query_abs += q.abs().sum(0)
+        self.num_queries += q.shape[0]
+
+
+def _attach_statistics_hooks(model, stats: dict[str, _BlockStatistics]) -> list:
+    hooks = []
+    for name, block_stats in stats.items():
+        block = model.model.get_submodule(name)
+        hooks.append(block.k_proj.register_forward_hook(lambda m, i, o, s=block_stats: s.add_keys(i[0], o)))
+        hooks.append(block.q_proj.register_forward_hook(lambda m, i, o, s=block_stats: s.add_queries(o)))
+    return hooks
+
+
+@torch.no_grad()
+def collect_calibration_statistics(
+    model: WhisperForConditionalGeneration, feature_extractor, audios: list[np.ndarray], block_names: list[str]
+) -> dict[str, _BlockStatistics]:
+    """Runs the MHA model on each clip and accumulates, per block, the key/value input Gram matrix and mean |q|, |k|.
+
+    The decoder is teacher-forced on the model's own greedy transcript, so no labels are needed; cross-attention
+    keys come from the encoder output, as at inference.
+    """
+    if not audios:
+        raise ValueError("Calibration expects at least one audio clip, but found none; check --calibration_data.")
+    stats = {name: _BlockStatistics(model.config.d_model) for name in block_names}
+    model.eval()
+    for audio in tqdm(audios, desc="calibration", unit="clip"):
+        features = feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+        features = features.to(model.device, model.dtype)
+        tokens = model.generate(features, max_new_tokens=min(128, model.config.max_target_positions // 2))
+        hooks = _attach_statistics_hooks(model, stats)
+        try:
+            model(input_features=features, decoder_input_ids=tokens, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- factorisation
+
+
+def select_kept_key_dims(config: WhisperMLAConfig, stats: dict[str, _BlockStatistics] | None) -> dict:
+    """Per block and head, the kept key dims: uniform, or the top mean|q_i| * mean|k_i| (sorted ascending)."""
+    if config.key_selection == "uniform" or config.kept_key_dims == 0:
+        return copy.deepcopy(config.kept_key_indices)  # the config's default is uniform
+    if stats is None:
+        raise ValueError(
+            "key_selection='2-norm' expects calibration audio to score key dims, but found none; pass "
+            "--calibration_data (or calibration_audio=...) or use --key_selection uniform."
+        )
+    indices = {}
+    for name in config.mla_block_names():
+        s, heads = stats[name], config.mla_num_heads(name)
+        score = (s.query_abs / s.num_queries) * (s.key_abs / s.num_keys)  # (D,)
+        top = score.view(heads, -1).topk(config.kept_key_dims, dim=-1).indices  # (H, kept)
+        indices[name] = [sorted(int(i) for i in head) for head in top]
+    return indices
+
+
+def whitening(stats: _BlockStatistics | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^(1/2), C^(-1/2)) of the input covariance C, damped for stability; identities without statistics."""
+    if stats is None:
+        eye = torch.eye(dim, dtype=torch.float64)
+        return eye, eye
+    cov = stats.input_gram / max(stats.num_inputs, 1)
+    cov = cov + 1e-6 * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(dim, dtype=torch.float64)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals = eigvals.clamp_min(eigvals.max() * 1e-10)
+    return (eigvecs * eigvals.sqrt()) @ eigvecs.T, (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+
+
+def low_rank(matrix: torch.Tensor, rank: int, sqrt_cov, inv_sqrt_cov) -> tuple[torch.Tensor, torch.Tensor]:
+    """matrix (out, in) ~= up (out, rank) @ down (rank, in), minimising the error on whitened inputs.
+
+    The singular values are shared evenly between the two factors, which keeps both well scaled for fine-tuning.
+    """
+    u, s, vh = torch.linalg.svd(matrix @ sqrt_cov, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, (root[:, None] * vh[:rank]) @ inv_sqrt_cov
+
+
+def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats) -> dict:
+    """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`.
+
+    Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
+    """
+    heads, head_dim, d_model = config.mla_num_heads(name), config.mla_head_dim(name), config.d_model
+    w = {key: state.pop(f"{name}.{key}").double() for key in
+         ("q_proj.weight", "q_proj.bias", "k_proj.weight", "v_proj.weight", "v_proj.bias", "out_proj.weight",
+          "out_proj.bias")}
+    for key, tensor in w.items():
+        expected = (d_model, d_model) if key.endswith("weight") else (d_model,)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name}.{key}: expected shape {expected}, found {tuple(tensor.shape)}.")
+
+    # Within each head: kept dims first, then the compressed ones, in order. q is permuted the same way, so
+    # q . k is unchanged.
+    order = torch.tensor([
+        h * head_dim + i
+        for h, kept_h in enumerate(kept)
+        for i in list(kept_h) + [j for j in range(head_dim) if j not in kept_h]
+    ])
+    n_kept = config.kept_key_dims
+    w_k = w["k_proj.weight"][order].view(heads, head_dim, d_model)
+    w_k_kept = w_k[:, :n_kept].reshape(-1, d_model)  # (H*kept, D)
+    w_k_nope = w_k[:, n_kept:].reshape(-1, d_model)  # (H*nope, D)
+
+    sqrt_cov, inv_sqrt_cov = whitening(stats, d_model)
+    k_rank, v_rank = config.mla_latent_split()
+    if config.svd_method == "joint":
+        up, down = low_rank(torch.cat([w_k_nope, w["v_proj.weight"]]), config.kv_lora_rank, sqrt_cov, inv_sqrt_cov)
+        up_k, up_v = up.split([w_k_nope.shape[0], d_model])
+    else:
+        up_k, down_k = low_rank(w_k_nope, k_rank, sqrt_cov, inv_sqrt_cov)
+        up_v, down_v = low_rank(w["v_proj.weight"], v_rank, sqrt_cov, inv_sqrt_cov)
+        down = torch.cat([down_k, down_v])
+    return {
+        f"{name}.q_proj.weight": w["q_proj.weight"][order],
+        f"{name}.q_proj.bias": w["q_proj.bias"][order],
+        f"{name}.kv_a_proj.weight": torch.cat([down, w_k_kept]),
+        f"{name}.k_b_proj.weight": up_k,
+        f"{name}.v_b_proj.weight": up_v,
+        f"{name}.v_b_proj.bias": w["v_proj.bias"],
+        f"{name}.out_proj.weight": w["out_proj.weight"],
+        f"{name}.out_proj.bias": w["out_proj.bias"],
+    }
+
+
+def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_indices=None, provenance=None):
+    """A WhisperMLAConfig with the Whisper config's hyperparameters and the MLA settings."""
+    base = whisper_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "custom_pipelines"):
+        base.pop(key, None)
+    return WhisperMLAConfig(
+        **base,
+        mla_targets=list(mla_args.mla_targets),
+        kv_lora_rank=mla_args.kv_lora_rank,
+        kept_key_dims=mla_args.kept_key_dims,
+        key_selection=mla_args.key_selection,
+        svd_method=mla_args.svd_method,
+        mla_attn_implementation=mla_args.mla_attn_implementation,
+        kept_key_indices=kept_key_indices,
+        mla_conversion=provenance,
+    )
+
+
+@torch.no_grad()
+def convert_whisper_to_mla(
+    model: WhisperForConditionalGeneration,
+    mla_args: MLAArguments | None = None,
+    calibration_audio: list[np.ndarray] | None = None,
+    feature_extractor=None,
+    **mla_kwargs,
+) -> WhisperMLAForConditionalGeneration:
+    """Converts a loaded Whisper model into a Whisper-MLA model (a new model; the input is left untouched).
+
+    Args:
+        model: a transformers `WhisperForConditionalGeneration` (MHA).
+        mla_args: the MLA settings; or pass them as keyword arguments (`kv_lora_rank=96, kept_key_dims=4, ...`).
+        calibration_audio: 16 kHz waveforms for 2-norm key selection and activation-aware SVD.
+        feature_extractor: Whisper's feature extractor, needed with calibration audio.
+
+    Returns:
+        `WhisperMLAForConditionalGeneration` in the input model's dtype, with its generation config.
+    """
+    if not isinstance(model, WhisperForConditionalGeneration) or isinstance(model, WhisperMLAForConditionalGeneration):
+        raise ValueError(
+            f"convert_whisper_to_mla expects a transformers WhisperForConditionalGeneration (MHA), but found "
+            f"{type(model).__name__}; load it with WhisperForConditionalGeneration.from_pretrained(...)."
+        )
+    mla_args = mla_args or MLAArguments(**mla_kwargs)
+    config = mla_config_from_whisper(model.config, mla_args)  # validates the settings before any work
+    activation_aware = mla_args.activation_aware
+    if activation_aware is None:
+        activation_aware = calibration_audio is not None
+    if (activation_aware or config.key_selection == "2-norm") and calibration_audio is None:
+        raise ValueError(
+            "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
+            "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
+        )
+    stats = None
+    if calibration_audio is not None:
+        if feature_extractor is None:
+            raise ValueError("Calibration audio needs Whisper's feature extractor; pass feature_extractor=...")
+        stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, config.mla_block_names())
+
+    kept = select_kept_key_dims(config, stats)
+    provenance = {
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "activation_aware": bool(activation_aware),
+        "calibration_clips": len(calibration_audio) if calibration_audio is not None else 0,
+    }
+    config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance)
+
+    state = {k.removeprefix("model."): v for k, v in model.state_dict().items() if k.startswith("model.")}
+    new_state = {}
+    for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
+        block_stats = stats[name] if (stats is not None and activation_aware) else None
+        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats))
+    new_state.update(state)  # every other weight is carried over unchanged
+
+    mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)
+    expected = {k.removeprefix("model."): v for k, v in mla_model.state_dict().items() if k.startswith("model.")}
+    missing, unexpected = sorted(set(expected) - set(new_state)), sorted(set(new_state) - set(expected))
+    if missing or unexpected:
+        raise RuntimeError(f"Conversion does not account for every weight: missing {missing}, unexpected {unexpected}.")
+    for key, tensor in new_state.items():
+        if tensor.shape != expected[key].shape:
+            raise RuntimeError(f"{key}: expected shape {tuple(expected[key].shape)}, found {tuple(tensor.shape)}.")
+    mla_model.model.load_state_dict({k: v.to(model.dtype) for k, v in new_state.items()}, strict=True)
+    mla_model.proj_out.weight = mla_model.model.decoder.embed_tokens.weight  # Whisper ties the output projection
+    mla_model.generation_config = copy.deepcopy(model.generation_config)
+    return mla_model.to(model.device).eval()
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuses to write into a non-empty folder unless asked to, so nothing the user had is overwritten silently."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(
+            f"Expected an empty or new --output_dir, but found files in {output_dir!r}; pick another folder or "
+            "pass --overwrite_output_dir to replace them."
+        )
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def copy_remote_code(output_dir: str) -> None:
+    """Copies the files a fresh process needs to load the checkpoint with trust_remote_code=True."""
+    for filename in REMOTE_CODE_FILES:
+        shutil.copyfile(os.path.join(HERE, filename), os.path.join(output_dir, filename))
+
+
+def register_remote_code(config: WhisperMLAConfig) -> None:
+    """Fills `auto_map` and `custom_pipelines` so AutoConfig/AutoModel*/pipeline resolve the shipped code."""
+    config.auto_map = {
+        "AutoConfig": "configuration_whisper_mla.WhisperMLAConfig",
+        "AutoModel": "modeling_whisper_mla.WhisperMLAModel",
+        "AutoModelForSpeechSeq2Seq": "modeling_whisper_mla.WhisperMLAForConditionalGeneration",
+    }
+    config.custom_pipelines = {
+        "automatic-speech-recognition": {
+            "impl": "pipeline_whisper_mla.WhisperMLAPipeline",
+            "pt": ["AutoModelForSpeechSeq2Seq"],
+            "type": "multimodal",
+        }
+    }
+
+
+def save_mla_checkpoint(model: WhisperMLAForConditionalGeneration, processor, output_dir: str, card_text=None) -> None:
+    """Writes weights (safetensors), config with auto_map, remote code, processor, generation config, model card."""
+    register_remote_code(model.config)
+    model.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    copy_remote_code(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write(card_text if card_text is not None else model_card(model))
+
+
+def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> str:
+    """A Hub model card (metadata + MLA settings + cache reduction) built with huggingface_hub's ModelCard."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    mla = expected_cache_bytes_per_token(config, model.dtype)
+    mha = expected_cache_bytes_per_token(config, model.dtype, mha=True)
+    reduction = 100 * (1 - sum(mla.values()) / sum(mha.values()))
+    base = (config.mla_conversion or {}).get("base_model")
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="automatic-speech-recognition",
+        base_model=base if base and not os.path.isdir(base) else None,
+        tags=["whisper", "whisper-mla", "multi-head-latent-attention"],
+    )
+    body = f"""
+# Whisper-MLA
+
+This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head latent attention (MLA) in
+{', '.join(config.mla_targets)} attention: each converted block caches one latent of {config.kv_lora_rank} values
+per token plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values.
+
+| setting | value |
+|---|---|
+| converted blocks | {', '.join(config.mla_targets)} |
+| kv_lora_rank | {config.kv_lora_rank} |
+| kept key dims per head | {config.kept_key_dims} ({config.key_selection}) |
+| SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')} |
+| decode path | {config.mla_attn_implementation} |
+| decoder cache bytes per token ({model.dtype}) | {sum(mla.values())} (MHA: {sum(mha.values())}) |
+| cache reduction | {reduction:.1f}% |
+
+```python
+from transformers import pipeline
+asr = pipeline("automatic-speech-recognition", model="PATH_OR_REPO", trust_remote_code=True)
+```
+{extra}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def main():
+    parser = HfArgumentParser((ConversionArguments, MLAArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        conversion_args, mla_args = parser.parse_yaml_file(sys.argv[1]) if sys.argv[1].endswith(("yaml", "yml")) \
+            else parser.parse_json_file(sys.argv[1])
+    else:
+        conversion_args, mla_args = parser.parse_args_into_dataclasses()
+
+    # 1. Refuse to clobber an existing folder before any expensive work.
+    prepare_output_dir(conversion_args.output_dir, conversion_args.overwrite_output_dir)
+    # 2. Load the MHA model and its processor.
+    model = WhisperForConditionalGeneration.from_pretrained(conversion_args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(conversion_args.model_name_or_path)
+    # 3. Calibration audio, if any.
+    audios = None
+    if mla_args.calibration_data is not None:
+        audios = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
+    # 4. Convert, save, push.
+    mla_model = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
+                                       feature_extractor=processor.feature_extractor)
+    save_mla_checkpoint(mla_model, processor, conversion_args.output_dir)
+    mla, mha = (sum(expected_cache_bytes_per_token(mla_model.config, mla_model.dtype, mha=m).values()) for m in (0, 1))
+    print(f"Saved Whisper-MLA checkpoint to {conversion_args.output_dir}: decoder cache {mla} bytes/token "
+          f"(MHA {mha}, -{100 * (1 - mla / mha):.1f}%).")
+    if conversion_args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        repo_id = conversion_args.hub_model_id or os.path.basename(os.path.abspath(conversion_args.output_dir))
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=conversion_args.output_dir, repo_id=repo_id)
+        print(f"Pushed to https://huggingface.co/{repo_id}")
+
+
+if __name__ == "__main__":
+    main()
