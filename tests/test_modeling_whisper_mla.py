@@ -1,0 +1,166 @@
+"""The MLA model against its MHA original: parity at full rank, cache contents, decode paths, dtypes, training."""
+
+import copy
+
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+from convert_whisper_to_mla import convert_whisper_to_mla
+from modeling_whisper_mla import WhisperMLAAttention, cache_nbytes, expected_cache_bytes_per_token
+
+
+TARGETS = [["encoder_self"], ["decoder_self"], ["decoder_cross"], ["encoder_self", "decoder_self", "decoder_cross"]]
+FEATURE_EXTRACTOR = WhisperFeatureExtractor(feature_size=80)
+
+
+def features(batch=1, seed=0):
+    return torch.randn(batch, 80, 3000, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(model, batch=1):
+    ids = [model.generation_config.decoder_start_token_id, model.generation_config.no_timestamps_token_id]
+    return torch.tensor([ids + [1000, 2000, 3000]] * batch)
+
+
+def greedy(model, input_features, **kwargs):
+    return model.generate(input_features, max_new_tokens=12, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("targets", TARGETS, ids="+".join)
+@pytest.mark.parametrize("key_selection", ["uniform", "2-norm"])
+def test_full_rank_matches_mha(tiny_mha, noise_audio, targets, key_selection):
+    mla = convert_whisper_to_mla(
+        tiny_mha, mla_targets=targets, kv_lora_rank=16, kept_key_dims=3, key_selection=key_selection,
+        calibration_audio=noise_audio if key_selection == "2-norm" else None, feature_extractor=FEATURE_EXTRACTOR,
+    )
+    x, ids = features(), prompt(tiny_mha)
+    with torch.no_grad():
+        torch.testing.assert_close(mla(x, decoder_input_ids=ids).logits, tiny_mha(x, decoder_input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+    assert torch.equal(greedy(mla, x), greedy(tiny_mha, x))
+    for path in ("absorb", "naive"):
+        mla.config.mla_attn_implementation = path
+        assert torch.equal(greedy(mla, x, num_beams=3), greedy(tiny_mha, x, num_beams=3))
+
+
+def test_2norm_keeps_the_highest_scoring_dims(tiny_mha, noise_audio):
+    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, key_selection="2-norm",
+                                 calibration_audio=noise_audio, feature_extractor=FEATURE_EXTRACTOR)
+    uniform = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
+    indices = mla.config.kept_key_indices
+    assert indices != uniform.config.kept_key_indices
+    assert all(len(h) == 2 and h == sorted(h) for heads in indices.values() for h in heads)
+
+
+@pytest.fixture(scope="module")
+def low_rank_mla(tiny_mha, noise_audio):
+    """Low rank, activation-aware, all the decoder converted: a model whose outputs differ from MHA."""
+    return convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=2, calibration_audio=noise_audio,
+                                  feature_extractor=FEATURE_EXTRACTOR)
+
+
+@pytest.mark.parametrize("path", ["absorb", "naive"])
+def test_incremental_decoding_equals_full_forward(low_rank_mla, path):
+    model = copy.deepcopy(low_rank_mla)
+    model.config.mla_attn_implementation = path
+    x, ids = features(batch=2), prompt(model, batch=2)
+    with torch.no_grad():
+        full = model(x, decoder_input_ids=ids, use_cache=False).logits
+        out = model(x, decoder_input_ids=ids[:, :2], use_cache=True)
+        steps = [out.logits]
+        for t in range(2, ids.shape[1]):
+            out = model(encoder_outputs=(out.encoder_last_hidden_state,), decoder_input_ids=ids[:, t : t + 1],
+                        cache=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_absorbed_equals_naive(low_rank_mla, attn_implementation):
+    naive, absorbed = copy.deepcopy(low_rank_mla), copy.deepcopy(low_rank_mla)
+    naive.config.mla_attn_implementation = "naive"
+    for model in (naive, absorbed):
+        model.set_attn_implementation(attn_implementation)
+    x, ids = features(batch=2), prompt(naive, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(absorbed(x, decoder_input_ids=ids).logits, naive(x, decoder_input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy(absorbed, x), greedy(naive, x))
+
+
+def test_cache_holds_only_latent_and_kept_dims(low_rank_mla, tiny_mha):
+    x = features(batch=3)
+    for model in (low_rank_mla, tiny_mha):
+        out = model.generate(x, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True)
+        cached_tokens = out.sequences.shape[1] - 1  # the last generated token is never fed back
+        per_token = expected_cache_bytes_per_token(model.config, model.dtype)
+        assert cache_nbytes(out.past_key_values) == {
+            "self": 3 * cached_tokens * per_token["self"], "cross": 3 * 1500 * per_token["cross"],
+        }
+    # (latent 6 + 2 heads x 2 kept dims) fp32 values per token and layer, 2 layers
+    assert expected_cache_bytes_per_token(low_rank_mla.config, torch.float32) == {"self": 80, "cross": 80}
+    layer = out.past_key_values.cross_attention_cache.layers[0]
+    assert tuple(layer.keys.shape) == (3, 2, 1500, 8)  # the MHA model: full keys for comparison
+
+
+def test_beam_search_and_batch_of_different_lengths(low_rank_mla, tiny_en_processor):
+    clips = [torch.randn(16000 * s, generator=torch.Generator().manual_seed(s)).numpy() * 0.1 for s in (1, 5, 9)]
+    x = tiny_en_processor.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
+    for num_beams in (1, 4):
+        batched = greedy(low_rank_mla, x, num_beams=num_beams)
+        for i in range(3):
+            single = greedy(low_rank_mla, x[i : i + 1], num_beams=num_beams)
+            assert torch.equal(batched[i, : single.shape[1]], single[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(low_rank_mla, dtype):
+    model = copy.deepcopy(low_rank_mla).to(dtype)
+    x, ids = features(), prompt(model)
+    with torch.no_grad():
+        reference = low_rank_mla(x, decoder_input_ids=ids).logits
+        absorbed = model(x.to(dtype), decoder_input_ids=ids).logits
+        model.config.mla_attn_implementation = "naive"
+        naive = model(x.to(dtype), decoder_input_ids=ids).logits
+    assert absorbed.dtype == dtype
+    torch.testing.assert_close(absorbed.float(), reference, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(naive.float(), reference, atol=0.1, rtol=0.05)
+    out = model.generate(x.to(dtype), max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True)
+    assert cache_nbytes(out.past_key_values)["cross"] == 1500 * expected_cache_bytes_per_token(model.config, dtype)["cross"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(low_rank_mla):
+    x, ids = features(batch=2), prompt(low_rank_mla, batch=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(low_rank_mla).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(x, decoder_input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.decoder.layers[0].self_attn.kv_a_proj.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_output_attentions_eager(low_rank_mla):
+    model = copy.deepcopy(low_rank_mla)
+    model.set_attn_implementation("eager")
+    x, ids = features(), prompt(model)
+    for path in ("absorb", "naive"):
+        model.config.mla_attn_implementation = path
+        out = model(x, decoder_input_ids=ids, output_attentions=True)
+        assert len(out.cross_attentions) == 2 and tuple(out.cross_attentions[0].shape) == (1, 2, 5, 1500)
+        torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(1, 2, 5))
+    # token timestamps (the cross-attention of the alignment heads) work with the latent cache
+    generated = model.generate(x, max_new_tokens=5, return_token_timestamps=True, return_dict_in_generate=True)
+    assert generated["token_timestamps"].shape == generated["sequences"].shape
+
+
+def test_converted_blocks_are_mla(low_rank_mla):
+    decoder_layer = low_rank_mla.model.decoder.layers[0]
+    assert isinstance(decoder_layer.self_attn, WhisperMLAAttention)
+    assert isinstance(decoder_layer.encoder_attn, WhisperMLAAttention)
+    assert not isinstance(low_rank_mla.model.encoder.layers[0].self_attn, WhisperMLAAttention)
+    assert not any(name.endswith(("k_proj.weight", "v_proj.weight")) and "decoder" in name
+                   for name in low_rank_mla.state_dict())
