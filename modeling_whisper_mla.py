@@ -211,7 +211,9 @@ def expected_cache_bytes_per_token(config, dtype: torch.dtype, mha: bool = False
     """Decoder cache bytes per token, summed over layers, {"self": ..., "cross": ...}, for a Whisper-MLA config, or
     for its MHA original (a Whisper config, or `mha=True`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    converted = set(config.mla_block_names()) if isinstance(config, WhisperMLAConfig) and not mha else set()
+    # by model_type, not isinstance: a checkpoint loaded as remote code has its own copy of the config class
+    is_mla = getattr(config, "model_type", None) == "whisper_mla"
+    converted = set(config.mla_block_names()) if is_mla and not mha else set()
     totals = {"self": 0, "cross": 0}
     for i in range(config.decoder_layers):
         for kind, attr in (("self", "self_attn"), ("cross", "encoder_attn")):

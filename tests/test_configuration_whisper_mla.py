@@ -1,0 +1,64 @@
+"""WhisperMLAConfig: defaults, round trip, and a clear ValueError for each invalid setting."""
+
+import pytest
+import torch
+
+from configuration_whisper_mla import WhisperMLAConfig, uniform_kept_indices
+from convert_whisper_to_mla import convert_whisper_to_mla
+
+
+SMALL = dict(d_model=16, encoder_attention_heads=2, decoder_attention_heads=2, encoder_layers=1, decoder_layers=2,
+             vocab_size=100)
+
+
+def test_defaults_and_round_trip(tmp_path):
+    config = WhisperMLAConfig(**SMALL, kv_lora_rank=8, kept_key_dims=2)
+    assert config.model_type == "whisper_mla"
+    assert config.mla_targets == ["decoder_self", "decoder_cross"]
+    assert config.mla_block_names() == ["decoder.layers.0.self_attn", "decoder.layers.0.encoder_attn",
+                                        "decoder.layers.1.self_attn", "decoder.layers.1.encoder_attn"]
+    assert config.kept_key_indices["decoder.layers.1.encoder_attn"] == [[0, 7], [0, 7]]
+    assert config.mla_cache_values_per_token("decoder.layers.0.self_attn") == 8 + 2 * 2
+    config.save_pretrained(tmp_path)
+    loaded = WhisperMLAConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+
+
+def test_uniform_indices():
+    assert uniform_kept_indices(64, 4) == [0, 21, 42, 63]
+    assert uniform_kept_indices(64, 1) == [0]
+    assert uniform_kept_indices(64, 0) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_lora_rank=0), r"`kv_lora_rank` expects a value in \[1, 16\].*found 0"),
+    (dict(kv_lora_rank=17), r"`kv_lora_rank` expects a value in \[1, 16\].*found 17"),
+    (dict(kv_lora_rank=40, svd_method="split"), r"svd_method='split'.*kv_lora_rank=40"),
+    (dict(kv_lora_rank=8, kept_key_dims=9), r"`kept_key_dims` expects a value in \[0, head_dim=8\].*found 9"),
+    (dict(kv_lora_rank=8, kept_key_dims=-1), r"`kept_key_dims` expects.*found -1"),
+    (dict(kv_lora_rank=8, mla_targets=["decoder_mlp"]), r"`mla_targets` expects.*decoder_mlp"),
+    (dict(kv_lora_rank=8, mla_targets=[]), r"`mla_targets` expects a non-empty list"),
+    (dict(kv_lora_rank=8, key_selection="l1"), r"`key_selection` expects one of \['uniform', '2-norm'\]"),
+    (dict(kv_lora_rank=8, svd_method="qr"), r"`svd_method` expects one of \['joint', 'split'\]"),
+    (dict(kv_lora_rank=8, mla_attn_implementation="fast"), r"`mla_attn_implementation` expects one of"),
+    (dict(kv_lora_rank=8, kept_key_dims=1, mla_targets=["decoder_cross"],
+          kept_key_indices={"decoder.layers.0.self_attn": [[0], [0]]}), r"expects exactly the converted blocks"),
+    (dict(kv_lora_rank=8, kept_key_dims=1, mla_targets=["encoder_self"],
+          kept_key_indices={"encoder.layers.0.self_attn": [[0]]}), r"expects 2 lists \(one per head\) of 1"),
+    (dict(kv_lora_rank=8, kept_key_dims=2, mla_targets=["encoder_self"],
+          kept_key_indices={"encoder.layers.0.self_attn": [[0, 8], [1, 2]]}), r"distinct ints in \[0, 8\).*\[0, 8\]"),
+    (dict(kv_lora_rank=8, kept_key_dims=2, mla_targets=["encoder_self"],
+          kept_key_indices={"encoder.layers.0.self_attn": [[3, 3], [1, 2]]}), r"distinct ints"),
+])
+def test_invalid_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WhisperMLAConfig(**SMALL, **kwargs)
+
+
+def test_converter_rejects_what_it_cannot_convert(tiny_mha):
+    with pytest.raises(ValueError, match="expect calibration audio"):
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=4, kept_key_dims=2, key_selection="2-norm")
+    with pytest.raises(ValueError, match="expects a transformers WhisperForConditionalGeneration"):
+        convert_whisper_to_mla(torch.nn.Linear(2, 2), kv_lora_rank=4)
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=17)
