@@ -46,6 +46,7 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",
         "safetensors>=0.4",
+        "whisper-normalizer>=0.1.12,<0.2",  # ships Whisper's English spelling map (normalizer.json)
     ],
     extras_require={
         # real Whisper weights and a reference decoder, speech synthesis, tests
