@@ -141,7 +141,8 @@ class WhisperMLAConfig(WhisperConfig):
                         f"`kv_lora_rank` with svd_method='split' is shared as key latent {key_rank} + value latent "
                         f"{value_rank}; expected key latent in [1, {max_key_rank}] and value latent in "
                         f"[1, {self.d_model}], but found kv_lora_rank={self.kv_lora_rank} with kept_key_dims="
-                        f"{self.kept_key_dims}; pick kv_lora_rank in [2, {max_key_rank + self.d_model}] or use "
+                        f"{self.kept_key_dims}; pick kv_lora_rank in [2, {min(2 * max_key_rank + 1, 2 * self.d_model)}] "
+                        "or use "
                         "svd_method='joint'."
                     )
 

@@ -33,7 +33,7 @@ def test_uniform_indices():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kv_lora_rank=0), r"`kv_lora_rank` expects a value in \[1, 16\].*found 0"),
     (dict(kv_lora_rank=17), r"`kv_lora_rank` expects a value in \[1, 16\].*found 17"),
-    (dict(kv_lora_rank=40, svd_method="split"), r"svd_method='split'.*kv_lora_rank=40"),
+    (dict(kv_lora_rank=26, svd_method="split"), r"svd_method='split'.*kv_lora_rank=26.*\[2, 17\]"),
     (dict(kv_lora_rank=8, kept_key_dims=9), r"`kept_key_dims` expects a value in \[0, head_dim=8\].*found 9"),
     (dict(kv_lora_rank=8, kept_key_dims=-1), r"`kept_key_dims` expects.*found -1"),
     (dict(kv_lora_rank=8, mla_targets=["decoder_mlp"]), r"`mla_targets` expects.*decoder_mlp"),

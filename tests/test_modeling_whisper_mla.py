@@ -76,9 +76,29 @@ def test_incremental_decoding_equals_full_forward(low_rank_mla, path):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def split_mla(tiny_mha, noise_audio):
+    """Split SVD: the first half of the latent serves the keys, the second the values."""
+    return convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, svd_method="split",
+                                  calibration_audio=noise_audio, feature_extractor=FEATURE_EXTRACTOR)
+
+
+def test_split_svd_error_shrinks_with_rank(tiny_mha, noise_audio, split_mla):
+    x, ids = features(), prompt(tiny_mha)
+    errors = []
+    for rank in (4, 8, 16, 25):  # 25: the key latent is full (12 = 2 heads x 6 dims)
+        model = convert_whisper_to_mla(tiny_mha, kv_lora_rank=rank, kept_key_dims=2, svd_method="split")
+        assert model.model.decoder.layers[0].self_attn.k_b_proj.in_features == rank // 2
+        with torch.no_grad():
+            errors.append((model(x, decoder_input_ids=ids).logits - tiny_mha(x, decoder_input_ids=ids).logits).norm())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.2 * errors[0]
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_absorbed_equals_naive(low_rank_mla, attn_implementation):
-    naive, absorbed = copy.deepcopy(low_rank_mla), copy.deepcopy(low_rank_mla)
+@pytest.mark.parametrize("svd_method", ["joint", "split"])
+def test_absorbed_equals_naive(low_rank_mla, split_mla, attn_implementation, svd_method):
+    source = low_rank_mla if svd_method == "joint" else split_mla
+    naive, absorbed = copy.deepcopy(source), copy.deepcopy(source)
     naive.config.mla_attn_implementation = "naive"
     for model in (naive, absorbed):
         model.set_attn_implementation(attn_implementation)

@@ -1,0 +1,200 @@
+"""run_eval.py: the CLI end to end (model + baseline), WER against hand-counted edits, and bad inputs."""
+
+import json
+import subprocess
+
+import jiwer
+import numpy as np
+import pytest
+
+import run_eval
+from audio_data import SpeechDataError
+from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
+
+
+KV_LORA_RANK, KEPT_KEY_DIMS = 8, 2
+TEXTS = ["hello world", "the cat sat on the mat", "testing one two three"]
+REQUIRED_KEYS = {"model", "num_samples", "num_skipped", "wer", "wer_ortho", "cache_bytes_per_token",
+                 "cache_bytes_per_30s_utterance", "cache_bytes_per_30s_utterance_definition", "decode_tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_mha, tiny_en_processor):
+    """(MLA folder, MHA folder): the random tiny Whisper of conftest, saved as is and converted to MLA."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    mha_dir, mla_dir = str(root / "mha"), str(root / "mla")
+    tiny_mha.save_pretrained(mha_dir)
+    tiny_en_processor.save_pretrained(mha_dir)
+    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS)
+    save_mla_checkpoint(mla, tiny_en_processor, mla_dir)
+    return mla_dir, mha_dir
+
+
+def write_manifest(folder, entries: list[dict]) -> str:
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({"annotation": entries}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def speech_dir(tmp_path_factory):
+    """Three espeak-ng clips (22.05 kHz WAV, resampled to 16 kHz by audio_data) and a manifest of them."""
+    folder = tmp_path_factory.mktemp("speech")
+    for index, text in enumerate(TEXTS):
+        subprocess.run(["espeak-ng", "-w", str(folder / f"clip{index}.wav"), text], check=True, capture_output=True)
+    write_manifest(folder, [{"path": f"clip{i}.wav", "text": text} for i, text in enumerate(TEXTS)])
+    return folder
+
+
+def cli(model_dir, data, output_dir, *extra) -> dict:
+    return run_eval.main(["--model_name_or_path", model_dir, "--data", str(data), "--output_dir", str(output_dir),
+                          "--batch_size", "2", "--max_new_tokens", "4", "--device", "cpu", *extra])
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_cli_with_baseline(checkpoints, speech_dir, tmp_path, tiny_mha):
+    mla_dir, mha_dir = checkpoints
+    cli(mla_dir, speech_dir / "manifest.json", tmp_path, "--baseline_model", mha_dir)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert REQUIRED_KEYS <= set(results) and REQUIRED_KEYS <= set(results["baseline"])
+    assert results["model"] == mla_dir and results["baseline"]["model"] == mha_dir
+    assert results["num_samples"] == results["baseline"]["num_samples"] == len(TEXTS)
+    assert results["num_skipped"] == 0 and results["model_type"] == "whisper_mla"
+
+    # Analytic float32 cache sizes, per decoder layer and token: MLA caches the latent plus the kept key dims of
+    # every head in self and in cross attention; MHA caches keys and values (2 * d_model) in both.
+    config, itemsize = tiny_mha.config, 4
+    mla_per_token = config.decoder_layers * 2 * (KV_LORA_RANK + config.decoder_attention_heads * KEPT_KEY_DIMS)
+    mha_per_token = config.decoder_layers * 2 * 2 * config.d_model
+    assert results["cache_bytes_per_token"] == mla_per_token * itemsize
+    assert results["baseline"]["cache_bytes_per_token"] == mha_per_token * itemsize
+    self_bytes = cross_bytes = mla_per_token // 2 * itemsize  # MLA self and cross blocks cache the same per token
+    assert results["cache_bytes_per_30s_utterance"] == cross_bytes * config.max_source_positions + self_bytes * (
+        config.max_target_positions
+    )
+    assert results["cache_reduction_percent"] == pytest.approx(100 * (1 - mla_per_token / mha_per_token))
+    assert results["decode_tokens_per_s"] > 0
+
+    table = results["comparison_table"].splitlines()
+    assert len(table) == 4 and mla_dir in table[2] and mha_dir in table[3]
+
+    for name in ("predictions.jsonl", "baseline_predictions.jsonl"):
+        predictions = read_jsonl(tmp_path / name)
+        assert [p["id"] for p in predictions] == ["clip0", "clip1", "clip2"]
+        assert [p["reference"] for p in predictions] == TEXTS
+        assert {"hypothesis", "reference_normalized", "hypothesis_normalized"} <= set(predictions[0])
+
+
+def test_cli_refuses_existing_results(checkpoints, speech_dir, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        cli("model-never-loaded", speech_dir / "manifest.json", tmp_path)
+    results = cli(checkpoints[0], speech_dir / "manifest.json", tmp_path, "--overwrite_output_dir", "--max_samples",
+                  "2", "--num_beams", "2")
+    assert results["num_samples"] == 2 and "baseline" not in results
+    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 2
+
+
+# --------------------------------------------------------------------------------------------- WER
+
+
+def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_en_processor):
+    references = ["The cat sat on the mat.", "Hello world"]
+    hypotheses = ["the cat sat on mat", "Hello, there world!"]
+    # Normalised: one deletion ("the") + one insertion ("there") over 6 + 2 reference words.
+    # Raw: The->the, mat.->mat, -the | Hello->Hello,, +there, world->world!: 3 + 3 edits over 8 words.
+    monkeypatch.setattr(run_eval, "transcribe", lambda *args, **kwargs: (hypotheses, 7, 2.0))
+    dataset = [{"id": str(i), "audio": np.zeros(16000, np.float32), "text": text} for i, text in enumerate(references)]
+
+    results = run_eval.evaluate_model(tiny_mha, tiny_en_processor, dataset)
+
+    assert results["wer"] == 100 * 2 / 8
+    assert results["wer_ortho"] == 100 * 6 / 8
+    assert results["wer_ortho"] == pytest.approx(100 * jiwer.wer(references, hypotheses))
+    assert results["decode_tokens_per_s"] == 3.5
+    assert [p["hypothesis_normalized"] for p in results["predictions"]] == ["the cat sat on mat", "hello there world"]
+
+
+def test_batch_with_a_clip_over_30s_uses_long_form(tiny_mha, tiny_en_processor):
+    clips = [np.zeros(16000 * 35, np.float32), np.zeros(16000, np.float32)]  # 35 s is not truncated to 30 s
+    hypotheses, num_tokens, seconds = run_eval.transcribe(tiny_mha, tiny_en_processor, clips, batch_size=2,
+                                                          generate_kwargs={"max_new_tokens": 4})
+    assert len(hypotheses) == 2 and num_tokens > 0 and seconds > 0
+
+
+def test_english_only_model_refuses_other_languages(tiny_mha):
+    assert "language" not in run_eval.build_generate_kwargs(tiny_mha, language="English", task="transcribe")
+    with pytest.raises(ValueError, match="English-only"):
+        run_eval.build_generate_kwargs(tiny_mha, language="fr")
+    with pytest.raises(ValueError, match="English-only"):
+        run_eval.build_generate_kwargs(tiny_mha, task="translate")
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_audio_names_the_file(checkpoints, speech_dir, tmp_path):
+    manifest = write_manifest(tmp_path, [{"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
+                                         {"path": "nowhere.wav", "text": "lost"}])
+    with pytest.raises(SpeechDataError, match=r"nowhere\.wav.*skip_bad"):
+        cli(checkpoints[0], manifest, tmp_path / "out")
+
+
+def test_invalid_json_manifest(checkpoints, tmp_path):
+    (tmp_path / "broken.json").write_text('{"annotation": [')
+    with pytest.raises(SpeechDataError, match=r"broken\.json is not valid JSON"):
+        cli(checkpoints[0], tmp_path / "broken.json", tmp_path / "out")
+
+
+def test_not_a_whisper_checkpoint(speech_dir, tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="Expected a Whisper or Whisper-MLA checkpoint"):
+        cli(str(tmp_path / "bert"), speech_dir / "manifest.json", tmp_path / "out")
+
+
+def test_skip_bad_samples_are_counted(checkpoints, speech_dir, tmp_path):
+    manifest = write_manifest(tmp_path, [
+        {"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
+        {"path": "nowhere.wav", "text": "lost"},
+        {"path": str(speech_dir / "clip1.wav"), "text": "  "},
+        {"path": str(speech_dir / "clip2.wav"), "text": TEXTS[2]},
+    ])
+    results = cli(checkpoints[0], manifest, tmp_path / "out", "--skip_bad_samples")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["num_samples"] == results["num_samples"] == 2
+    assert saved["num_skipped"] == 2 and len(saved["skipped"]) == 2
+    assert "nowhere.wav" in saved["skipped"][0] and "entry 2" in saved["skipped"][1]
+    assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 2
+
+
+# --------------------------------------------------------------------------------------------- real weights
+
+
+def real_eval_manifest():
+    """make_speech_data's held-out real_eval.json (Asterisk prompts, human speech), built if needed."""
+    make_speech_data = pytest.importorskip("make_speech_data")
+    output_dir = make_speech_data.default_output_dir()
+    manifest = output_dir / "real_eval.json"
+    if not manifest.is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        make_speech_data.build_real_sets(output_dir)  # the real half of ensure_speech_data(), without synthesis
+    return manifest
+
+
+@pytest.mark.real_weights
+def test_real_tiny_en_on_human_speech(tiny_en_dir, tmp_path):
+    manifest = real_eval_manifest()
+    results = run_eval.main(["--model_name_or_path", tiny_en_dir, "--data", str(manifest), "--output_dir",
+                             str(tmp_path), "--max_samples", "5", "--batch_size", "5", "--device", "cpu"])
+    assert results["num_samples"] == 5
+    assert results["wer"] < 15, (tmp_path / "predictions.jsonl").read_text()
+    # tiny.en: 4 decoder layers, d_model 384, float32; MHA caches keys and values in self and cross attention.
+    assert results["cache_bytes_per_token"] == 4 * 2 * 2 * 384 * 4
