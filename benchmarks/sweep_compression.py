@@ -37,6 +37,11 @@ class SweepArguments:
     speech_dir: str | None = field(default=None, metadata={"help": "Use manifests already built there."})
 
 
+def write_rows(args: SweepArguments, rows: list[dict]) -> None:
+    with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:
+        json.dump({"model": args.model, "calibration": args.calibration, "rows": rows}, f, indent=2)
+
+
 def main():
     (args,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -69,8 +74,7 @@ def main():
                         "cache_reduction_%": round(100 * (1 - mla_bytes / mha_bytes), 1),
                     })
                     print(rows[-1], flush=True)
-    with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:
-        json.dump({"model": args.model, "calibration": args.calibration, "rows": rows}, f, indent=2)
+                    write_rows(args, rows)  # after every setting: a long sweep can be stopped early
     print("| setting | cache reduction | WER (real_eval) |\n|---|---|---|")
     for row in rows:
         print(f"| {row['setting']} | {row['cache_reduction_%']}% | {row['wer']:.2f} |")
