@@ -96,17 +96,21 @@ class WhisperMLAAttention(WhisperAttention):
         q_kept, q_nope = query.split([self.qk_kept_head_dim, self.qk_nope_head_dim], dim=-1)
         w_uk = self.k_b_proj.weight.view(heads, self.qk_nope_head_dim, self.k_latent_dim)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r_k)
-        c_k = latent[:, 0, :, : self.k_latent_dim]  # (B, S, r_k)
-        scores = torch.bmm(q_latent.reshape(bsz, heads * tgt_len, -1), c_k.transpose(1, 2))  # (B, H*T, S)
-        scores = scores.view(bsz, heads, tgt_len, src_len) + q_kept @ k_kept.transpose(-1, -2)  # (B, H, T, S)
+        c_k = latent[:, 0, :, : self.k_latent_dim]  # (B, S, r_k), a view: the cached latent is never copied
+        # Scores of the kept dims first (a fresh contiguous tensor), then the latent's scores accumulated onto them in
+        # place: one (B, H*T, r_k) x (B, r_k, S) product for all heads, and no second (B, H, T, S) temporary.
+        scores = q_kept @ k_kept.transpose(-1, -2)  # (B, H, T, S)
+        scores.view(bsz, heads * tgt_len, src_len).baddbmm_(
+            q_latent.reshape(bsz, heads * tgt_len, -1), c_k.transpose(1, 2)
+        )
         if attention_mask is None and self.is_causal and tgt_len > 1:
             past = src_len - tgt_len
             attention_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril(past)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
             else:
-                scores = scores + attention_mask
+                scores += attention_mask
         probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         c_v = latent[:, 0, :, self.v_latent_offset :]  # (B, S, r_v)
         out_latent = torch.bmm(probs.view(bsz, heads * tgt_len, src_len), c_v)  # (B, H*T, r_v)
