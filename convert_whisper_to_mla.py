@@ -40,8 +40,8 @@ class MLAArguments:
     kv_lora_rank: int = field(
         default=256,
         metadata={"help": "Latent width cached per token and converted block. The default keeps WER without training "
-                  "on Whisper tiny.en (d_model 384, -63.5% cache; benchmarks/sweep_compression.py); the original "
-                  "Whisper_MLA setting, 96 with 4 kept dims (-90% on small), needs recovery training (run_finetune.py)."},
+                  "on Whisper tiny.en (d_model 384, -63.5%% cache; benchmarks/sweep_compression.py); the original "
+                  "Whisper_MLA setting, 96 with 4 kept dims (-90%% on small), needs recovery training (run_finetune.py)."},
     )
     kept_key_dims: int = field(default=4, metadata={"help": "Uncompressed key dims per head."})
     key_selection: str = field(

@@ -486,7 +486,7 @@ def main():
     header = {
         "command": f"`python run_benchmark.py {' '.join(sys.argv[1:])}`",
         "model": model_name,
-        "device": f"{args.device}: {common['device_name']}" + (f", {threads} torch threads" if threads else ""),
+        "device": f"{args.device}: {common['device_name']}" + (f", torch threads: {threads}" if threads else ""),
         "dtype": args.dtype,
         "attention kernel (MHA, naive MLA)": args.attn_implementation,
         "MLA": f"{', '.join(mla_config.mla_targets)}; kv_lora_rank {mla_config.kv_lora_rank}, "

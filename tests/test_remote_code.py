@@ -127,3 +127,12 @@ def test_cli_converts_a_folder(tiny_mha, tiny_en_processor, tmp_path, monkeypatc
     convert_main()
     config = json.loads((out / "config.json").read_text())
     assert (config["kv_lora_rank"], config["kept_key_dims"], config["mla_targets"]) == (4, 1, ["decoder_cross"])
+
+
+def test_cli_help():
+    import convert_whisper_to_mla
+
+    result = subprocess.run([sys.executable, convert_whisper_to_mla.__file__, "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--kv_lora_rank" in result.stdout and "--key_selection" in result.stdout
