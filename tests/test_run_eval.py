@@ -9,25 +9,12 @@ import pytest
 
 import run_eval
 from audio_data import SpeechDataError
-from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
 
 
-KV_LORA_RANK, KEPT_KEY_DIMS = 8, 2
+KV_LORA_RANK, KEPT_KEY_DIMS = 8, 2  # of conftest's tiny_checkpoint_dirs
 TEXTS = ["hello world", "the cat sat on the mat", "testing one two three"]
 REQUIRED_KEYS = {"model", "num_samples", "num_skipped", "wer", "wer_ortho", "cache_bytes_per_token",
                  "cache_bytes_per_30s_utterance", "cache_bytes_per_30s_utterance_definition", "decode_tokens_per_s"}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_mha, tiny_en_processor):
-    """(MLA folder, MHA folder): the random tiny Whisper of conftest, saved as is and converted to MLA."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    mha_dir, mla_dir = str(root / "mha"), str(root / "mla")
-    tiny_mha.save_pretrained(mha_dir)
-    tiny_en_processor.save_pretrained(mha_dir)
-    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS)
-    save_mla_checkpoint(mla, tiny_en_processor, mla_dir)
-    return mla_dir, mha_dir
 
 
 def write_manifest(folder, entries: list[dict]) -> str:
@@ -58,8 +45,8 @@ def read_jsonl(path) -> list[dict]:
 # --------------------------------------------------------------------------------------------- end to end
 
 
-def test_cli_with_baseline(checkpoints, speech_dir, tmp_path, tiny_mha):
-    mla_dir, mha_dir = checkpoints
+def test_cli_with_baseline(tiny_checkpoint_dirs, speech_dir, tmp_path, tiny_mha):
+    mha_dir, mla_dir = tiny_checkpoint_dirs
     cli(mla_dir, speech_dir / "manifest.json", tmp_path, "--baseline_model", mha_dir)
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -92,11 +79,11 @@ def test_cli_with_baseline(checkpoints, speech_dir, tmp_path, tiny_mha):
         assert {"hypothesis", "reference_normalized", "hypothesis_normalized"} <= set(predictions[0])
 
 
-def test_cli_refuses_existing_results(checkpoints, speech_dir, tmp_path):
+def test_cli_refuses_existing_results(tiny_checkpoint_dirs, speech_dir, tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
         cli("model-never-loaded", speech_dir / "manifest.json", tmp_path)
-    results = cli(checkpoints[0], speech_dir / "manifest.json", tmp_path, "--overwrite_output_dir", "--max_samples",
+    results = cli(tiny_checkpoint_dirs[1], speech_dir / "manifest.json", tmp_path, "--overwrite_output_dir", "--max_samples",
                   "2", "--num_beams", "2")
     assert results["num_samples"] == 2 and "baseline" not in results
     assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 2
@@ -140,17 +127,17 @@ def test_english_only_model_refuses_other_languages(tiny_mha):
 # --------------------------------------------------------------------------------------------- bad inputs
 
 
-def test_missing_audio_names_the_file(checkpoints, speech_dir, tmp_path):
+def test_missing_audio_names_the_file(tiny_checkpoint_dirs, speech_dir, tmp_path):
     manifest = write_manifest(tmp_path, [{"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
                                          {"path": "nowhere.wav", "text": "lost"}])
     with pytest.raises(SpeechDataError, match=r"nowhere\.wav.*skip_bad"):
-        cli(checkpoints[0], manifest, tmp_path / "out")
+        cli(tiny_checkpoint_dirs[1], manifest, tmp_path / "out")
 
 
-def test_invalid_json_manifest(checkpoints, tmp_path):
+def test_invalid_json_manifest(tiny_checkpoint_dirs, tmp_path):
     (tmp_path / "broken.json").write_text('{"annotation": [')
     with pytest.raises(SpeechDataError, match=r"broken\.json is not valid JSON"):
-        cli(checkpoints[0], tmp_path / "broken.json", tmp_path / "out")
+        cli(tiny_checkpoint_dirs[1], tmp_path / "broken.json", tmp_path / "out")
 
 
 def test_not_a_whisper_checkpoint(speech_dir, tmp_path):
@@ -160,14 +147,14 @@ def test_not_a_whisper_checkpoint(speech_dir, tmp_path):
         cli(str(tmp_path / "bert"), speech_dir / "manifest.json", tmp_path / "out")
 
 
-def test_skip_bad_samples_are_counted(checkpoints, speech_dir, tmp_path):
+def test_skip_bad_samples_are_counted(tiny_checkpoint_dirs, speech_dir, tmp_path):
     manifest = write_manifest(tmp_path, [
         {"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
         {"path": "nowhere.wav", "text": "lost"},
         {"path": str(speech_dir / "clip1.wav"), "text": "  "},
         {"path": str(speech_dir / "clip2.wav"), "text": TEXTS[2]},
     ])
-    results = cli(checkpoints[0], manifest, tmp_path / "out", "--skip_bad_samples")
+    results = cli(tiny_checkpoint_dirs[1], manifest, tmp_path / "out", "--skip_bad_samples")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["num_samples"] == results["num_samples"] == 2
     assert saved["num_skipped"] == 2 and len(saved["skipped"]) == 2

@@ -19,7 +19,7 @@ from transformers import Seq2SeqTrainingArguments
 
 import run_finetune
 from audio_data import SpeechDataError
-from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
+from convert_whisper_to_mla import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 
 
@@ -40,18 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_mha, tiny_en_processor):
-    """(MHA folder, MLA folder): conftest's random tiny Whisper, saved as is and converted (rank 8, 2 kept dims)."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    mha_dir, mla_dir = str(root / "mha"), str(root / "mla")
-    tiny_mha.save_pretrained(mha_dir)
-    tiny_en_processor.save_pretrained(mha_dir)
-    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
-    save_mla_checkpoint(mla, tiny_en_processor, mla_dir)
-    return mha_dir, mla_dir
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +203,9 @@ def test_distillation_loss_is_token_mean_kl_on_label_positions():
 
 
 @pytest.mark.parametrize("layout", ["librispeech", "manifest", "audiofolder", "save_to_disk"])
-def test_each_data_source_trains(checkpoints, sources, tmp_path, layout):
+def test_each_data_source_trains(tiny_checkpoint_dirs, sources, tmp_path, layout):
     """One step on a batch of all three clips (8, 22.05, 44.1 kHz), converting the MHA model on the fly."""
-    mha_dir, _ = checkpoints
+    mha_dir, _ = tiny_checkpoint_dirs
     data, extra = sources[layout]
     metrics = run_finetune.main(fast_args(mha_dir, data, tmp_path / "out", "--max_steps", "1", "--trainable", "mla",
                                           *extra))
@@ -226,8 +214,8 @@ def test_each_data_source_trains(checkpoints, sources, tmp_path, layout):
     assert model.config.kv_lora_rank == 8 and model.config.auto_map["AutoModelForSpeechSeq2Seq"]
 
 
-def test_eval_reports_normalised_wer(checkpoints, sources, tmp_path):
-    _, mla_dir = checkpoints
+def test_eval_reports_normalised_wer(tiny_checkpoint_dirs, sources, tmp_path):
+    _, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     metrics = run_finetune.main(fast_args(mla_dir, data, tmp_path / "out", "--max_steps", "1", "--trainable", "mla",
                                           "--eval_data", data, "--predict_with_generate", "--eval_on_start"))
@@ -252,8 +240,8 @@ def expected_trainable(model, mode: str) -> set[str]:
 
 
 @pytest.mark.parametrize("mode", ["all", "attention", "mla", "lora"])
-def test_trainable_modes(checkpoints, sources, tmp_path, mode):
-    _, mla_dir = checkpoints
+def test_trainable_modes(tiny_checkpoint_dirs, sources, tmp_path, mode):
+    _, mla_dir = tiny_checkpoint_dirs
     before_model = load_output(mla_dir)
     model = run_finetune.set_trainable(load_output(mla_dir), run_finetune.ModelArguments(trainable=mode))
     requires_grad = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -272,8 +260,8 @@ def test_trainable_modes(checkpoints, sources, tmp_path, mode):
     assert changed == expected_trainable(before_model, mode)
 
 
-def test_lora_output_is_a_plain_whisper_mla_checkpoint(checkpoints, sources, tmp_path):
-    _, mla_dir = checkpoints
+def test_lora_output_is_a_plain_whisper_mla_checkpoint(tiny_checkpoint_dirs, sources, tmp_path):
+    _, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     run_finetune.main(fast_args(mla_dir, data, tmp_path / "out", "--trainable", "lora", "--save_strategy", "steps",
                                 "--save_steps", "1"))
@@ -288,9 +276,9 @@ def test_lora_output_is_a_plain_whisper_mla_checkpoint(checkpoints, sources, tmp
     assert (tmp_path / "out" / "checkpoint-2" / "lora_adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_lora_decodes_like_its_merged_model(checkpoints):
+def test_lora_decodes_like_its_merged_model(tiny_checkpoint_dirs):
     """Unmerged LoRA decodes through the modules (naive); merged, the absorbed path gives the same logits."""
-    _, mla_dir = checkpoints
+    _, mla_dir = tiny_checkpoint_dirs
     model = run_finetune.set_trainable(load_output(mla_dir), run_finetune.ModelArguments(trainable="lora"))
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -320,9 +308,9 @@ def test_label_free_distillation_loss_decreases(sharp_mha_dir, sources, tmp_path
     assert losses[0] > 0.1 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0], losses
 
 
-def test_distillation_matches_per_step_encoder_path(checkpoints, tiny_mha):
+def test_distillation_matches_per_step_encoder_path(tiny_checkpoint_dirs, tiny_mha):
     """Precomputed encoder outputs, the per-step shared encoder and separate encoders give the same loss."""
-    mha_dir, _ = checkpoints
+    mha_dir, _ = tiny_checkpoint_dirs
     student = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2).train()
     student.get_encoder().requires_grad_(False)
     features = torch.randn(2, 80, 3000)
@@ -343,8 +331,8 @@ def test_distillation_matches_per_step_encoder_path(checkpoints, tiny_mha):
     torch.testing.assert_close(losses[0], losses[2])
 
 
-def test_distilling_an_mla_checkpoint_needs_a_teacher(checkpoints, sources, tmp_path):
-    mha_dir, mla_dir = checkpoints
+def test_distilling_an_mla_checkpoint_needs_a_teacher(tiny_checkpoint_dirs, sources, tmp_path):
+    mha_dir, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["unlabelled"]
     with pytest.raises(ValueError, match="--teacher_model_name_or_path"):
         run_finetune.main(fast_args(mla_dir, data, tmp_path / "a", "--distill"))
@@ -381,8 +369,8 @@ def assert_loads_in_fresh_process(folders, cwd):
 
 
 @pytest.mark.slow
-def test_checkpoints_load_in_a_fresh_process(checkpoints, sources, tmp_path):
-    mha_dir, _ = checkpoints
+def test_checkpoints_load_in_a_fresh_process(tiny_checkpoint_dirs, sources, tmp_path):
+    mha_dir, _ = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     run_finetune.main(fast_args(mha_dir, data, tmp_path / "mla", "--trainable", "mla", "--save_strategy", "steps",
                                 "--save_steps", "1"))
@@ -441,10 +429,10 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(checkpoints, sources, tmp_path):
+def test_torchrun_two_cpu_processes(tiny_checkpoint_dirs, sources, tmp_path):
     import yaml
 
-    mha_dir, _ = checkpoints
+    mha_dir, _ = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     config = {
         "model_name_or_path": mha_dir, "train_data": [data], "output_dir": str(tmp_path / "out"),
@@ -464,8 +452,8 @@ def test_torchrun_two_cpu_processes(checkpoints, sources, tmp_path):
 # --------------------------------------------------------------------------------------------- bad input
 
 
-def test_skip_bad_samples_counts_and_reports(checkpoints, sources, tmp_path):
-    mha_dir, _ = checkpoints
+def test_skip_bad_samples_counts_and_reports(tiny_checkpoint_dirs, sources, tmp_path):
+    mha_dir, _ = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     entries = json.loads(open(data).read())["annotation"]
     folder = os.path.dirname(data)
@@ -481,8 +469,8 @@ def test_skip_bad_samples_counts_and_reports(checkpoints, sources, tmp_path):
     assert "2 bad rows skipped" in (tmp_path / "b" / "README.md").read_text()
 
 
-def test_bad_arguments_explain_the_fix(checkpoints, sources, tmp_path):
-    mha_dir, mla_dir = checkpoints
+def test_bad_arguments_explain_the_fix(tiny_checkpoint_dirs, sources, tmp_path):
+    mha_dir, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
     with pytest.raises(ValueError, match="expects --model_name_or_path and --train_data"):
         run_finetune.main(["--output_dir", str(tmp_path / "x"), "--use_cpu"])
