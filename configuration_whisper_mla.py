@@ -8,6 +8,7 @@ MLA_TARGETS = ("encoder_self", "decoder_self", "decoder_cross")
 KEY_SELECTIONS = ("uniform", "2-norm")
 SVD_METHODS = ("joint", "split")
 MLA_ATTN_IMPLEMENTATIONS = ("absorb", "naive")
+MLA_CACHE_QUANTIZATIONS = (None, "int8")
 
 
 def uniform_kept_indices(head_dim: int, kept_key_dims: int) -> list[int]:
@@ -45,6 +46,12 @@ class WhisperMLAConfig(WhisperConfig):
         mla_attn_implementation (`str`, defaults to `"absorb"`):
             "absorb": attend directly over the cached latent (up-projections folded into query and output) in
             eval mode. "naive": expand the latent to keys and values and use the attention interface.
+        mla_cache_quantization (`str`, *optional*):
+            None: the cache holds the latent and kept key dims in the model dtype. "int8": both quantised to int8
+            with one float32 absmax scale each per token (`r + heads * kept + 8` bytes per token and block).
+        share_cross_latent_across_beams (`bool`, defaults to `True`):
+            In beam search, cache one cross-attention latent per utterance instead of one copy per beam (applies
+            when all decoder cross-attention blocks are converted).
         kept_key_indices (`dict[str, list[list[int]]]`, *optional*):
             For every converted block (e.g. "decoder.layers.0.self_attn"), the kept key dims of each head in the
             original head layout. Defaults to uniform indices.
@@ -60,6 +67,8 @@ class WhisperMLAConfig(WhisperConfig):
     key_selection: str = "uniform"
     svd_method: str = "joint"
     mla_attn_implementation: str = "absorb"
+    mla_cache_quantization: str | None = None
+    share_cross_latent_across_beams: bool = True
     kept_key_indices: dict | None = None
     mla_conversion: dict | None = None
 
@@ -115,6 +124,11 @@ class WhisperMLAConfig(WhisperConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` expects one of {list(allowed)}, but found {value!r}; pick one of those.")
+        if self.mla_cache_quantization not in MLA_CACHE_QUANTIZATIONS:
+            raise ValueError(
+                f"`mla_cache_quantization` expects one of {list(MLA_CACHE_QUANTIZATIONS)}, but found "
+                f"{self.mla_cache_quantization!r}; pass None (model dtype) or 'int8'."
+            )
         for kind, heads in (("encoder", self.encoder_attention_heads), ("decoder", self.decoder_attention_heads)):
             if not any(t.startswith(kind) for t in self.mla_targets):
                 continue
@@ -179,6 +193,12 @@ class WhisperMLAConfig(WhisperConfig):
     def mla_cache_values_per_token(self, block_name: str) -> int:
         """Values cached per token by one converted block: the latent plus the kept key dims of every head."""
         return self.kv_lora_rank + self.mla_num_heads(block_name) * self.kept_key_dims
+
+    def mla_cache_bytes_per_token(self, block_name: str, itemsize: int) -> int:
+        """Bytes cached per token by one converted block, with values of `itemsize` bytes unless quantised."""
+        if self.mla_cache_quantization == "int8":
+            return self.mla_cache_values_per_token(block_name) + 8  # int8 values + two float32 scales
+        return self.mla_cache_values_per_token(block_name) * itemsize
 
 
 __all__ = ["WhisperMLAConfig"]

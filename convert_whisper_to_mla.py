@@ -55,6 +55,11 @@ class MLAArguments:
     mla_attn_implementation: str = field(
         default="absorb", metadata={"help": "Decode path.", "choices": ["absorb", "naive"]}
     )
+    mla_cache_quantization: str | None = field(
+        default=None,
+        metadata={"help": "int8: quantise the cached latent and kept key dims (per-token absmax scales). Default: "
+                          "the model dtype.", "choices": ["int8"]},
+    )
     calibration_data: str | None = field(
         default=None,
         metadata={"help": "Audio for calibration: a folder of audio files, a LibriSpeech-layout folder, a JSON "
@@ -247,6 +252,7 @@ def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_ind
         key_selection=mla_args.key_selection,
         svd_method=mla_args.svd_method,
         mla_attn_implementation=mla_args.mla_attn_implementation,
+        mla_cache_quantization=mla_args.mla_cache_quantization,
         kept_key_indices=kept_key_indices,
         mla_conversion=provenance,
     )

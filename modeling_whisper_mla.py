@@ -84,36 +84,78 @@ class WhisperMLAAttention(WhisperAttention):
         value = value.view(bsz, src_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, head_dim)
         return torch.cat([k_kept, k_nope], dim=-1), value
 
+    def pack_int8(self, latent: torch.Tensor, k_kept: torch.Tensor) -> torch.Tensor:
+        """The int8 cache entry: (B, 1, S, r + H*kept + 8), the latent and the kept dims each quantised with one
+        absmax scale per token; the two float32 scales ride along as their raw bytes, so one tensor holds it all."""
+        bsz, _, src_len, _ = latent.shape
+        kept = k_kept.transpose(1, 2).reshape(bsz, 1, src_len, -1)  # (B, 1, S, H*kept)
+        quantized, scales = [], []
+        for part in (latent, kept):
+            part = part.float()
+            scale = part.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127 if part.shape[-1] else part.new_ones(
+                bsz, 1, src_len, 1
+            )
+            quantized.append(torch.round(part / scale).to(torch.int8))
+            scales.append(scale)
+        scale_bytes = torch.cat(scales, -1).view(torch.int8)  # (B, 1, S, 2) float32 -> (B, 1, S, 8) int8
+        return torch.cat([*quantized, scale_bytes], -1)
+
+    def unpack_int8(self, packed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of `pack_int8`: latent (B, 1, S, r) and kept key dims (B, H, S, kept) in `dtype`."""
+        bsz, _, src_len, width = packed.shape
+        values, scale_bytes = packed.split([width - 8, 8], -1)
+        scales = scale_bytes.contiguous().view(torch.float32).to(dtype)  # (B, 1, S, 2)
+        latent, kept = values.to(dtype).split([self.kv_lora_rank, width - 8 - self.kv_lora_rank], -1)
+        kept = (kept * scales[..., 1:]).view(bsz, src_len, self.num_heads, self.qk_kept_head_dim).transpose(1, 2)
+        return latent * scales[..., :1], kept  # (B, 1, S, r), (B, H, S, kept)
+
     def absorbed_attention(
-        self, query: torch.Tensor, latent: torch.Tensor, k_kept: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        query: torch.Tensor,
+        latent: torch.Tensor,
+        k_kept: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention computed directly over the latent. query: (B, H, T, head_dim), already scaled.
 
-        Returns the output (B, T, H, head_dim) and the attention probabilities (B, H, T, S).
+        The latent may hold one entry per group of `B // latent.shape[0]` consecutive queries (the beams of one
+        utterance sharing its cross-attention latent). Returns the output (B, T, H, head_dim) and, when asked for,
+        the attention probabilities (B, H, T, S).
         """
         bsz, heads, tgt_len, _ = query.shape
-        src_len = latent.shape[2]
+        kv_bsz, _, src_len, _ = latent.shape
+        rows = bsz // kv_bsz * heads * tgt_len  # query rows per latent entry
         q_kept, q_nope = query.split([self.qk_kept_head_dim, self.qk_nope_head_dim], dim=-1)
         w_uk = self.k_b_proj.weight.view(heads, self.qk_nope_head_dim, self.k_latent_dim)
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r_k)
-        c_k = latent[:, 0, :, : self.k_latent_dim]  # (B, S, r_k), a view: the cached latent is never copied
-        # Scores of the kept dims first (a fresh contiguous tensor), then the latent's scores accumulated onto them in
-        # place: one (B, H*T, r_k) x (B, r_k, S) product for all heads, and no second (B, H, T, S) temporary.
-        scores = q_kept @ k_kept.transpose(-1, -2)  # (B, H, T, S)
-        scores.view(bsz, heads * tgt_len, src_len).baddbmm_(
-            q_latent.reshape(bsz, heads * tgt_len, -1), c_k.transpose(1, 2)
-        )
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).reshape(kv_bsz, rows, -1)  # (B', G*H*T, r_k)
+        c_k = latent[:, 0, :, : self.k_latent_dim]  # (B', S, r_k), a view: the cached latent is never copied
+        c_v = latent[:, 0, :, self.v_latent_offset :]  # (B', S, r_v)
+        # Scores of the kept dims first (a fresh contiguous tensor); the latent's part is accumulated onto them.
+        q_kept = q_kept.reshape(kv_bsz, -1, heads, tgt_len, self.qk_kept_head_dim)  # (B', G, H, T, kept)
+        scores = (q_kept @ k_kept.unsqueeze(1).transpose(-1, -2)).view(kv_bsz, rows, src_len)  # (B', G*H*T, S)
         if attention_mask is None and self.is_causal and tgt_len > 1:
             past = src_len - tgt_len
             attention_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril(past)
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        if attention_mask is not None:  # (B, 1, T, S) or (T, S); the latent is shared only without a mask
+            mask = attention_mask.expand(bsz, heads, tgt_len, src_len).reshape(kv_bsz, rows, src_len)
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
             else:
-                scores += attention_mask
-        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        c_v = latent[:, 0, :, self.v_latent_offset :]  # (B, S, r_v)
-        out_latent = torch.bmm(probs.view(bsz, heads * tgt_len, src_len), c_v)  # (B, H*T, r_v)
+                scores += mask
+        if output_attentions:
+            # one (B', G*H*T, r_k) x (B', r_k, S) product for all heads, accumulated in place
+            scores.baddbmm_(q_latent, c_k.transpose(1, 2))
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            out_latent = torch.bmm(probs, c_v)  # (B', G*H*T, r_v)
+            probs = probs.view(bsz, heads, tgt_len, src_len)
+        else:
+            # the same attention as one SDPA call over a single "head" whose keys are the latent, with the kept-dim
+            # scores as an additive mask: the fused kernel reads the latent once for scores and output
+            out_latent = nn.functional.scaled_dot_product_attention(
+                q_latent.unsqueeze(1), c_k.unsqueeze(1), c_v.unsqueeze(1), attn_mask=scores.unsqueeze(1), scale=1.0
+            ).squeeze(1)  # (B', G*H*T, r_v)
+            probs = None
         out_latent = out_latent.view(bsz, heads, tgt_len, -1)
         w_uv = self.v_b_proj.weight.view(heads, self.head_dim, self.v_latent_dim)
         out = torch.einsum("bhtr,hdr->bthd", out_latent, w_uv)  # (B, T, H, head_dim)
@@ -142,16 +184,27 @@ class WhisperMLAAttention(WhisperAttention):
             else:
                 cache = cache.self_attention_cache
 
+        int8_cache = self.config.mla_cache_quantization == "int8" and cache is not None
         if is_cross_attention and cache is not None and is_updated:
             latent, k_kept = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
             latent, k_kept = self.compress(key_value_states if is_cross_attention else hidden_states)
-            if cache is not None:
+            if int8_cache:  # the cache holds one packed int8 tensor in the keys slot and an empty values slot
+                packed = self.pack_int8(latent, k_kept)
+                latent, k_kept = cache.update(packed, packed[..., :0], self.layer_idx)
+            elif cache is not None:
                 latent, k_kept = cache.update(latent, k_kept, self.layer_idx)
+        if int8_cache:
+            latent, k_kept = self.unpack_int8(latent, query.dtype)
 
         if self.config.mla_attn_implementation == "absorb" and not self.training:
-            attn_output, attn_weights = self.absorbed_attention(query, latent, k_kept, attention_mask)
+            attn_output, attn_weights = self.absorbed_attention(
+                query, latent, k_kept, attention_mask, output_attentions=output_attentions
+            )
         else:
+            if latent.shape[0] != bsz:  # a cross-attention latent shared by the beams of each utterance
+                latent = latent.repeat_interleave(bsz // latent.shape[0], dim=0)
+                k_kept = k_kept.repeat_interleave(bsz // k_kept.shape[0], dim=0)
             key, value = self.expand(latent, k_kept)
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -203,6 +256,32 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
         self.max_target_positions = config.max_target_positions
         self.post_init()
 
+    def shares_cross_latent(self) -> bool:
+        """Whether beam search caches one cross-attention latent per utterance (every cross block converted)."""
+        return self.config.share_cross_latent_across_beams and "decoder_cross" in self.config.mla_targets
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """As `GenerationMixin`'s, but the encoder output stays one per utterance when the cross latent is shared:
+        each cross block then caches (B, 1, S, r) for B * expand_size beams (see `absorbed_attention`)."""
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        if encoder_outputs is not None and not (self.shares_cross_latent() and expand_size > 1):
+            model_kwargs["encoder_outputs"] = encoder_outputs
+            encoder_outputs = None
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder and encoder_outputs is None, input_ids, **model_kwargs
+        )
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search's reorder; a shared cross latent (one entry per utterance) is the same for every beam of it."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        for layer in cache.cross_attention_cache.layers:
+            if layer.is_initialized and layer.keys.shape[0] == beam_idx.shape[0]:
+                layer.reorder_cache(beam_idx)
+        return cache
+
     def cache_bytes_per_token(self) -> dict[str, int]:
         """Bytes a decoder layer caches per token, summed over layers: {"self": ..., "cross": ...} in the model dtype.
 
@@ -222,8 +301,10 @@ def expected_cache_bytes_per_token(config, dtype: torch.dtype, mha: bool = False
     for i in range(config.decoder_layers):
         for kind, attr in (("self", "self_attn"), ("cross", "encoder_attn")):
             name = f"decoder.layers.{i}.{attr}"
-            values = config.mla_cache_values_per_token(name) if name in converted else 2 * config.d_model
-            totals[kind] += values * itemsize
+            if name in converted:
+                totals[kind] += config.mla_cache_bytes_per_token(name, itemsize)
+            else:
+                totals[kind] += 2 * config.d_model * itemsize
     return totals
 
 

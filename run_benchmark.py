@@ -63,8 +63,12 @@ SIZES = {
                       encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=128, decoder_ffn_dim=128, begin_suppress_tokens=None, suppress_tokens=None),
 }
-ATTENTIONS = ("mha", "mla-naive", "mla-absorbed")
-MLA_PATHS = {"mla-naive": "naive", "mla-absorbed": "absorb"}
+ATTENTIONS = ("mha", "mla-naive", "mla-absorbed", "mla-absorbed-int8")
+MLA_VARIANTS = {  # config settings of each measured MLA variant
+    "mla-naive": dict(mla_attn_implementation="naive", mla_cache_quantization=None),
+    "mla-absorbed": dict(mla_attn_implementation="absorb", mla_cache_quantization=None),
+    "mla-absorbed-int8": dict(mla_attn_implementation="absorb", mla_cache_quantization="int8"),
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUDIO_FRAMES = 3000  # 30 s of log-mel frames, the only input length Whisper's encoder takes
 MIB = 2**20
@@ -102,6 +106,10 @@ class BenchmarkArguments:
     )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Kernel of MHA and of the naive MLA path.", "choices": ["sdpa", "eager"]}
+    )
+    share_cross_latent_across_beams: bool = field(
+        default=True,
+        metadata={"help": "Beam search caches one cross-attention latent per utterance (False: one per beam)."},
     )
     num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of each measurement (default: torch's choice)."}
@@ -250,7 +258,8 @@ def run_worker(setting: dict) -> dict:
     model = model_class.from_pretrained(setting["model_dir"], dtype=dtype,
                                         attn_implementation=setting["attn_implementation"]).to(device).eval()
     if attention != "mha":
-        model.config.mla_attn_implementation = MLA_PATHS[attention]
+        for key, value in dict(MLA_VARIANTS[attention], share_cross_latent_across_beams=setting["share"]).items():
+            setattr(model.config, key, value)
     generator = torch.Generator().manual_seed(setting["seed"])
     features = torch.randn(batch, model.config.num_mel_bins, AUDIO_FRAMES, generator=generator).to(device, dtype)
     if device.type == "cuda":
@@ -333,17 +342,21 @@ def encoder_first_step_s(record: dict):
     return record["encoder_s"] + record["first_step_s"] if "encoder_s" in record else None
 
 
-def ratio_cells(mha: dict, naive: dict, absorbed: dict) -> list[str]:
+def ratio_cells(mha: dict, naive: dict, absorbed: dict, int8: dict) -> list[str]:
     """Markdown cells of one setting: MHA and MLA values and their MLA/MHA ratios."""
-    cache_ratio = ratio(get(absorbed, "cache_bytes"), get(mha, "cache_bytes"))
+
+    def reduction(record):
+        cache_ratio = ratio(get(record, "cache_bytes"), get(mha, "cache_bytes"))
+        return fmt(None if cache_ratio is None else 100 * (1 - cache_ratio), ".1f") + "%"
+
     return [
         fmt(get(mha, "cache_bytes", MIB), ".1f"), fmt(get(absorbed, "cache_bytes", MIB), ".1f"),
-        fmt(None if cache_ratio is None else 100 * (1 - cache_ratio), ".1f") + "%",
+        reduction(absorbed), reduction(int8),
         fmt(get(mha, "peak_memory_bytes", MIB), ".0f"), fmt(get(absorbed, "peak_memory_bytes", MIB), ".0f"),
-        *(fmt(ratio(get(r, "peak_memory_bytes"), get(mha, "peak_memory_bytes")), ".2f") for r in (absorbed, naive)),
-        *(fmt(get(r, "decode_tokens_per_s"), ".1f") for r in (mha, absorbed, naive)),
+        *(fmt(ratio(get(r, "peak_memory_bytes"), get(mha, "peak_memory_bytes")), ".2f") for r in (absorbed, naive, int8)),
+        *(fmt(get(r, "decode_tokens_per_s"), ".1f") for r in (mha, absorbed)),
         *(fmt(ratio(get(r, "decode_tokens_per_s"), get(mha, "decode_tokens_per_s")), ".2f") + "x"
-          for r in (absorbed, naive)),
+          for r in (absorbed, naive, int8)),
         fmt(ratio(encoder_first_step_s(absorbed), encoder_first_step_s(mha)), ".2f"),
     ]
 
@@ -356,15 +369,16 @@ def markdown_report(records: list[dict], header: dict) -> str:
         "Cache: bytes the decoder cache holds after generation (self + cross attention, all layers; beam search keeps "
         "batch x beams sequences). Peak: peak memory of a fresh process per setting, weights included. tok/s: "
         "returned tokens per second over the decoding steps after the first. enc+1st: encoder pass plus first "
-        "decoding step. abs: MLA, absorbed path; naive: MLA, latent expanded to keys and values.", "",
-        "| batch | beams | new tokens | cache MHA MiB | cache MLA MiB | cache reduction | peak MHA MiB | peak abs MiB "
-        "| peak abs/MHA | peak naive/MHA | tok/s MHA | tok/s abs | tok/s naive | tok/s abs/MHA | tok/s naive/MHA "
-        "| enc+1st abs/MHA |",
-        "|" + "---|" * 16,
+        "decoding step. abs: MLA, absorbed path; naive: MLA, latent expanded to keys and values; int8: absorbed "
+        "path with the int8 latent cache.", "",
+        "| batch | beams | new tokens | cache MHA MiB | cache abs MiB | cache reduction abs | cache reduction int8 "
+        "| peak MHA MiB | peak abs MiB | peak abs/MHA | peak naive/MHA | peak int8/MHA | tok/s MHA | tok/s abs "
+        "| tok/s abs/MHA | tok/s naive/MHA | tok/s int8/MHA | enc+1st abs/MHA |",
+        "|" + "---|" * 18,
     ]
     for batch, beams, new_tokens in sorted({k[:3] for k in by_key}, key=lambda k: (k[1], k[2], k[0])):
-        mha, naive, absorbed = (by_key.get((batch, beams, new_tokens, a), {}) for a in ATTENTIONS)
-        cells = [str(batch), str(beams), str(new_tokens), *ratio_cells(mha, naive, absorbed)]
+        mha, naive, absorbed, int8 = (by_key.get((batch, beams, new_tokens, a), {}) for a in ATTENTIONS)
+        cells = [str(batch), str(beams), str(new_tokens), *ratio_cells(mha, naive, absorbed, int8)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## All records", "",
               "| attention | batch | beams | new tokens | cache self B | cache cross B | values/token/layer self, "
@@ -399,7 +413,7 @@ def plot_versus_batch_size(records: list[dict], metric: str, ylabel: str, path: 
     fig, axes = plt.subplots(1, len(new_tokens), figsize=(5 * len(new_tokens), 4.4), squeeze=False)
     fig.suptitle(f"{ok[0]['model']}, {ok[0]['dtype']}, {ok[0]['device_name']}", fontsize=9)
     for ax, n in zip(axes[0], new_tokens):
-        for color, attention in zip(("tab:gray", "tab:orange", "tab:blue"), ATTENTIONS):
+        for color, attention in zip(("tab:gray", "tab:orange", "tab:blue", "tab:green"), ATTENTIONS):
             for style, beams in zip(("-", "--", ":", "-."), sorted({r["num_beams"] for r in ok})):
                 points = sorted((r["batch_size"], r[metric] / scale) for r in ok
                                 if (r["attention"], r["num_beams"], r["new_tokens"]) == (attention, beams, n))
@@ -463,7 +477,7 @@ def main():
             dict(model_dir=os.path.join(model_dir, "mha" if attention == "mha" else "mla"), attention=attention,
                  batch_size=batch, num_beams=beams, new_tokens=n, repeats=args.repeats, device=args.device,
                  dtype=args.dtype, attn_implementation=args.attn_implementation, num_threads=args.num_threads,
-                 seed=args.seed)
+                 share=args.share_cross_latent_across_beams, seed=args.seed)
             for beams in args.num_beams for n in new_tokens for batch in args.batch_sizes
             for attention in args.attentions
         ]
@@ -490,7 +504,8 @@ def main():
         "dtype": args.dtype,
         "attention kernel (MHA, naive MLA)": args.attn_implementation,
         "MLA": f"{', '.join(mla_config.mla_targets)}; kv_lora_rank {mla_config.kv_lora_rank}, "
-               f"kept_key_dims {mla_config.kept_key_dims}",
+               f"kept_key_dims {mla_config.kept_key_dims}; beams share the cross latent: "
+               f"{args.share_cross_latent_across_beams}",
         "input": f"30 s of random log-mel features, {prompt}-token decoder prompt, forced generated length",
         "timing": f"medians of {args.repeats} generations after a warm-up; encoder timed once per setting",
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",

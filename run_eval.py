@@ -61,6 +61,11 @@ class ModelArguments:
         metadata={"help": "Attention kernel of the MHA blocks (and of the naive MLA path).",
                   "choices": ["eager", "sdpa"]},
     )
+    mla_cache_quantization: str | None = field(
+        default=None,
+        metadata={"help": "int8: Whisper-MLA checkpoints decode with the int8 latent cache (overrides their config; "
+                          "an MHA baseline is unaffected).", "choices": ["int8"]},
+    )
 
 
 @dataclass
@@ -119,9 +124,14 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, tor
 
 
 def load_model_and_processor(
-    name_or_path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None
+    name_or_path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    mla_cache_quantization: str | None = None,
 ):
-    """Loads a Whisper or Whisper-MLA checkpoint (eval mode) and its processor.
+    """Loads a Whisper or Whisper-MLA checkpoint (eval mode) and its processor; `mla_cache_quantization` overrides a
+    Whisper-MLA checkpoint's cache precision.
 
     Remote code is trusted only for checkpoints whose config says model_type "whisper_mla" (the code this project
     ships with every Whisper-MLA checkpoint); anything that is not Whisper is refused.
@@ -145,6 +155,8 @@ def load_model_and_processor(
         )
     trust_remote_code = model_type == "whisper_mla"
     kwargs = {"dtype": dtype}
+    if mla_cache_quantization is not None and trust_remote_code:
+        kwargs["mla_cache_quantization"] = mla_cache_quantization
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForSpeechSeq2Seq.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
@@ -360,7 +372,16 @@ def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments, eval_
                    predictions_path: str) -> dict:
     """Loads, evaluates and frees one checkpoint; writes its predictions. Returns its results without them."""
     device, dtype = resolve_device_and_dtype(model_args.device, model_args.dtype)
-    model, processor = load_model_and_processor(name_or_path, device, dtype, model_args.attn_implementation)
+    model, processor = load_model_and_processor(
+        name_or_path, device, dtype, model_args.attn_implementation, model_args.mla_cache_quantization
+    )
+    if model_args.mla_cache_quantization is not None and name_or_path == model_args.model_name_or_path and (
+        model.config.model_type != "whisper_mla"
+    ):
+        raise ValueError(
+            f"--mla_cache_quantization applies to Whisper-MLA checkpoints, but found model_type "
+            f"{model.config.model_type!r} in {name_or_path!r}; drop the flag or convert the model first."
+        )
     generate_kwargs = build_generate_kwargs(
         model, eval_args.language, eval_args.task, eval_args.num_beams, eval_args.max_new_tokens
     )

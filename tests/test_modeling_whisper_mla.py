@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from transformers import WhisperFeatureExtractor
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from convert_whisper_to_mla import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAAttention, cache_nbytes, expected_cache_bytes_per_token
@@ -134,6 +135,64 @@ def test_beam_search_and_batch_of_different_lengths(low_rank_mla, tiny_en_proces
             assert torch.equal(batched[i, : single.shape[1]], single[0])
 
 
+def test_beams_share_one_cross_latent_per_utterance(low_rank_mla):
+    x = features(batch=2)
+    unshared = copy.deepcopy(low_rank_mla)
+    unshared.config.share_cross_latent_across_beams = False
+    caches = [EncoderDecoderCache(DynamicCache(), DynamicCache()) for _ in range(2)]  # as generation leaves them
+    sequences = [model.generate(x, max_new_tokens=6, num_beams=3, cache=cache)
+                 for model, cache in zip((low_rank_mla, unshared), caches)]
+    assert torch.equal(sequences[0], sequences[1])
+    per_token = expected_cache_bytes_per_token(low_rank_mla.config, torch.float32)
+    assert cache_nbytes(caches[0])["cross"] == 2 * 1500 * per_token["cross"]  # one latent per utterance
+    assert cache_nbytes(caches[1])["cross"] == 2 * 3 * 1500 * per_token["cross"]  # one per beam
+    assert cache_nbytes(caches[0])["self"] == cache_nbytes(caches[1])["self"] == 2 * 3 * 7 * per_token["self"]
+    # token timestamps follow the beams through the shared latent
+    model = copy.deepcopy(low_rank_mla)
+    model.set_attn_implementation("eager")
+    out = model.generate(x, max_new_tokens=5, num_beams=3, return_token_timestamps=True, return_dict_in_generate=True)
+    assert out["token_timestamps"].shape == out["sequences"].shape
+
+
+def test_int8_cache(low_rank_mla):
+    """Per-token absmax int8: bytes exact, values within half a quantisation step, logits and tokens close."""
+    model = copy.deepcopy(low_rank_mla)
+    model.config.mla_cache_quantization = "int8"
+    # (latent 6 + 2 heads x 2 kept) int8 values + 2 float32 scales per token, 2 layers
+    assert expected_cache_bytes_per_token(model.config, torch.float32) == {"self": 36, "cross": 36}
+    x, cache = features(batch=3), EncoderDecoderCache(DynamicCache(), DynamicCache())
+    tokens = model.generate(x, max_new_tokens=7, min_new_tokens=7, num_beams=2, cache=cache)
+    assert cache.get_seq_length() == 8  # 2 prompt tokens + 7 generated, the last never fed back
+    assert cache_nbytes(cache) == {"self": 3 * 2 * 8 * 36, "cross": 3 * 1500 * 36}
+    layer = cache.cross_attention_cache.layers[0]
+    assert layer.keys.dtype == torch.int8 and layer.values.numel() == 0
+
+    attn = model.model.decoder.layers[0].encoder_attn
+    latent, k_kept = attn.compress(torch.randn(2, 50, attn.embed_dim) * 3)
+    restored_latent, restored_kept = attn.unpack_int8(attn.pack_int8(latent, k_kept), torch.float32)
+    step = latent.abs().amax(-1, keepdim=True) / 127  # one scale per token
+    assert ((restored_latent - latent).abs() <= step / 2 * 1.001).all()
+    kept_step = k_kept.abs().amax((1, 3), keepdim=True) / 127  # one scale per token over all heads' kept dims
+    assert ((restored_kept - k_kept).abs() <= kept_step / 2 * 1.001).all()
+    assert (restored_latent - latent).abs().max() > 0
+
+    ids = prompt(model, batch=3)
+    with torch.no_grad():
+        reference = low_rank_mla(x, decoder_input_ids=ids[:, :2]).logits
+        first = model(x, decoder_input_ids=ids[:, :2], use_cache=True)  # the cache quantises what it holds
+    assert not torch.equal(first.logits, reference)
+    torch.testing.assert_close(first.logits, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+    fp_tokens = low_rank_mla.generate(x, max_new_tokens=7, min_new_tokens=7, num_beams=2)
+    assert (tokens == fp_tokens).float().mean() > 0.8
+
+
+def test_int8_cache_config_error():
+    from configuration_whisper_mla import WhisperMLAConfig
+
+    with pytest.raises(ValueError, match="mla_cache_quantization.*'int4'.*'int8'"):
+        WhisperMLAConfig(mla_cache_quantization="int4")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(low_rank_mla, dtype):
     model = copy.deepcopy(low_rank_mla).to(dtype)
@@ -170,6 +229,8 @@ def test_output_attentions_eager(low_rank_mla):
     for path in ("absorb", "naive"):
         model.config.mla_attn_implementation = path
         out = model(x, decoder_input_ids=ids, output_attentions=True)
+        # probabilities asked for (the eager formulation) or not (the fused SDPA one): the same logits
+        torch.testing.assert_close(out.logits, model(x, decoder_input_ids=ids).logits, atol=1e-5, rtol=1e-5)
         assert len(out.cross_attentions) == 2 and tuple(out.cross_attentions[0].shape) == (1, 2, 5, 1500)
         torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(1, 2, 5))
     # token timestamps (the cross-attention of the alignment heads) work with the latent cache

@@ -24,13 +24,24 @@ PROMPT = 1  # test-tiny has no language/task tokens: the decoder prompt is the s
 FRAMES = SIZES["test-tiny"]["max_source_positions"]  # encoder frames the cross-attention cache holds per sequence
 
 
-def expected_cache_bytes(attention: str, sequences: int, new_tokens: int) -> dict[str, int]:
-    """Analytic bytes: sequences x cached tokens x bytes per token (all layers), self and cross attention."""
-    config = WhisperMLAConfig(**SIZES["test-tiny"], kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS)
+def expected_cache_bytes(attention: str, sequences: int, new_tokens: int, utterances=None) -> dict[str, int]:
+    """Analytic bytes: sequences x cached tokens x bytes per token (all layers), self and cross attention; the cross
+    latent is cached once per utterance where beams share it."""
+    config = WhisperMLAConfig(**SIZES["test-tiny"], kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS,
+                              mla_cache_quantization="int8" if attention.endswith("int8") else None)
     per_token = expected_cache_bytes_per_token(config, torch.float32, mha=attention == "mha")
     # generate never feeds the last generated token back, so it is not cached
     return {"self": sequences * (PROMPT + new_tokens - 1) * per_token["self"],
-            "cross": sequences * FRAMES * per_token["cross"]}
+            "cross": (utterances or sequences) * FRAMES * per_token["cross"]}
+
+
+def values_per_token(attention: str) -> float:
+    """Cached values per token and layer, in float32 values (bytes / 4); d_model 64, 2 heads."""
+    if attention == "mha":
+        return 2 * 64
+    if attention.endswith("int8"):
+        return (KV_LORA_RANK + 2 * KEPT_KEY_DIMS + 8) / 4  # int8 values + 2 float32 scales
+    return KV_LORA_RANK + 2 * KEPT_KEY_DIMS
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +62,7 @@ def test_records_have_exact_cache_bytes(output_dir):
         records = json.load(f)
     assert [r.get("error") for r in records] == [None] * len(records)
     assert sorted((r["attention"], r["batch_size"]) for r in records) == sorted(
-        (a, b) for a in ("mha", "mla-naive", "mla-absorbed") for b in BATCH_SIZES
+        (a, b) for a in ("mha", "mla-naive", "mla-absorbed", "mla-absorbed-int8") for b in BATCH_SIZES
     )
     for r in records:
         assert r["device"] == "cpu" and r["device_name"] and r["model"]
@@ -59,37 +70,41 @@ def test_records_have_exact_cache_bytes(output_dir):
         expected = expected_cache_bytes(r["attention"], r["batch_size"], NEW_TOKENS)
         assert (r["cache_bytes_self"], r["cache_bytes_cross"]) == (expected["self"], expected["cross"])
         assert r["cache_bytes"] == expected["self"] + expected["cross"]
-        values = 2 * 64 if r["attention"] == "mha" else KV_LORA_RANK + 2 * KEPT_KEY_DIMS  # d_model 64, 2 heads
+        values = values_per_token(r["attention"])
         assert r["values_per_token_per_layer_self"] == r["values_per_token_per_layer_cross"] == values
         assert r["peak_memory_bytes"] > 0 and r["decode_tokens_per_s"] > 0  # measured, not judged
 
     by_key = {(r["attention"], r["batch_size"]): r for r in records}
     for batch in BATCH_SIZES:
         mha = by_key["mha", batch]["cache_bytes"]
-        for attention in ("mla-naive", "mla-absorbed"):
-            assert by_key[attention, batch]["cache_bytes"] / mha == (KV_LORA_RANK + 2 * KEPT_KEY_DIMS) / (2 * 64)
+        for attention in ("mla-naive", "mla-absorbed", "mla-absorbed-int8"):
+            assert by_key[attention, batch]["cache_bytes"] / mha == values_per_token(attention) / (2 * 64)
 
 
 def test_markdown_table_and_plots(output_dir):
     table = (output_dir / "results.md").read_text()
-    reduction = f"{100 * (1 - (KV_LORA_RANK + 2 * KEPT_KEY_DIMS) / (2 * 64)):.1f}%"
+    for attention in ("mla-absorbed", "mla-absorbed-int8"):
+        reduction = f"{100 * (1 - values_per_token(attention) / (2 * 64)):.1f}%"
+        assert table.count(reduction) == len(BATCH_SIZES)
     for batch in BATCH_SIZES:
         assert f"| {batch} | 1 | {NEW_TOKENS} |" in table
-    assert table.count(reduction) == len(BATCH_SIZES)
     for name in ("memory_vs_batch_size.png", "cache_vs_batch_size.png", "tokens_per_s_vs_batch_size.png"):
         assert (output_dir / name).read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("attention", ["mha", "mla-naive", "mla-absorbed"])
+@pytest.mark.parametrize("attention", ["mha", "mla-naive", "mla-absorbed", "mla-absorbed-int8"])
 def test_beam_search_cache_holds_every_beam(attention):
+    """Self-attention: every beam. Cross-attention: every beam for MHA, one latent per utterance for MLA."""
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(WhisperConfig(**SIZES["test-tiny"])).eval()
     if attention != "mha":
         model = convert_whisper_to_mla(model, kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS,
-                                       mla_attn_implementation="naive" if attention == "mla-naive" else "absorb")
+                                       mla_attn_implementation="naive" if attention == "mla-naive" else "absorb",
+                                       mla_cache_quantization="int8" if attention.endswith("int8") else None)
     batch, beams = 2, 3
     with torch.inference_mode():
         hidden = model.model.encoder(torch.randn(batch, model.config.num_mel_bins, AUDIO_FRAMES)).last_hidden_state
         _, _, nbytes, seq_len = timed_generate(model, hidden, NEW_TOKENS, beams)
     assert seq_len == PROMPT + NEW_TOKENS - 1
-    assert nbytes == expected_cache_bytes(attention, batch * beams, NEW_TOKENS)
+    assert nbytes == expected_cache_bytes(attention, batch * beams, NEW_TOKENS,
+                                          utterances=None if attention == "mha" else batch)

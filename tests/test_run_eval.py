@@ -89,6 +89,19 @@ def test_cli_refuses_existing_results(tiny_checkpoint_dirs, speech_dir, tmp_path
     assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 2
 
 
+def test_int8_cache_flag(tiny_checkpoint_dirs, speech_dir, tmp_path, tiny_mha):
+    mha_dir, mla_dir = tiny_checkpoint_dirs
+    results = cli(mla_dir, speech_dir / "manifest.json", tmp_path, "--mla_cache_quantization", "int8",
+                  "--baseline_model", mha_dir)
+    # int8 latent + kept dims and two float32 scales per token, self and cross, every decoder layer
+    config = tiny_mha.config
+    int8_per_token = config.decoder_layers * 2 * (KV_LORA_RANK + config.decoder_attention_heads * KEPT_KEY_DIMS + 8)
+    assert results["cache_bytes_per_token"] == int8_per_token
+    assert results["baseline"]["cache_bytes_per_token"] == config.decoder_layers * 2 * 2 * config.d_model * 4
+    with pytest.raises(ValueError, match="applies to Whisper-MLA checkpoints.*'whisper'"):
+        cli(mha_dir, speech_dir / "manifest.json", tmp_path / "mha", "--mla_cache_quantization", "int8")
+
+
 # --------------------------------------------------------------------------------------------- WER
 
 
