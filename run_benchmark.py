@@ -325,8 +325,8 @@ def machine_description(device: str) -> str:
     return f"{name} ({os.cpu_count()} CPUs)"
 
 
-def fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def fmt(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + unit
 
 
 def get(record: dict, key: str, scale: float = 1.0):
@@ -347,7 +347,7 @@ def ratio_cells(mha: dict, naive: dict, absorbed: dict, int8: dict) -> list[str]
 
     def reduction(record):
         cache_ratio = ratio(get(record, "cache_bytes"), get(mha, "cache_bytes"))
-        return fmt(None if cache_ratio is None else 100 * (1 - cache_ratio), ".1f") + "%"
+        return fmt(None if cache_ratio is None else 100 * (1 - cache_ratio), ".1f", "%")
 
     return [
         fmt(get(mha, "cache_bytes", MIB), ".1f"), fmt(get(absorbed, "cache_bytes", MIB), ".1f"),
@@ -355,7 +355,7 @@ def ratio_cells(mha: dict, naive: dict, absorbed: dict, int8: dict) -> list[str]
         fmt(get(mha, "peak_memory_bytes", MIB), ".0f"), fmt(get(absorbed, "peak_memory_bytes", MIB), ".0f"),
         *(fmt(ratio(get(r, "peak_memory_bytes"), get(mha, "peak_memory_bytes")), ".2f") for r in (absorbed, naive, int8)),
         *(fmt(get(r, "decode_tokens_per_s"), ".1f") for r in (mha, absorbed)),
-        *(fmt(ratio(get(r, "decode_tokens_per_s"), get(mha, "decode_tokens_per_s")), ".2f") + "x"
+        *(fmt(ratio(get(r, "decode_tokens_per_s"), get(mha, "decode_tokens_per_s")), ".2f", "x")
           for r in (absorbed, naive, int8)),
         fmt(ratio(encoder_first_step_s(absorbed), encoder_first_step_s(mha)), ".2f"),
     ]

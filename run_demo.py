@@ -5,7 +5,8 @@
         --calibration_data LibriSpeech/dev-clean         # with internet
 
 Steps: import the packaged tiny.en (or load `--model_name_or_path`) -> convert to MLA with the converter's default
-settings, calibrated on audio that is never evaluated -> WER of MHA and MLA on the held-out set -> a table of WER,
+settings, calibrated on audio that is never evaluated -> WER of MHA, MLA and MLA with its int8 latent cache on the
+held-out set -> a table of WER,
 decoder cache bytes per token and per 30 s utterance, reduction, and decode tokens/s of both, written to the
 terminal, `OUTPUT_DIR/results.json` and `OUTPUT_DIR/results.png`.
 """
@@ -73,10 +74,10 @@ def plot(rows: list[dict], path: str) -> None:
     labels = [row["label"] for row in rows]
     panels = [("WER (normalised, lower is better)", "wer"), ("decoder cache bytes per token", "cache_bytes_per_token"),
               ("decode tokens/s (higher is better)", "decode_tokens_per_s")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, (title, key) in zip(axes, panels):
         values = [row[key] for row in rows]
-        bars = ax.bar(labels, values, color=["#888888", "#2a7ab9"][: len(rows)])
+        bars = ax.bar(labels, values, color=["#888888", "#2a7ab9", "#3a9a5b"][: len(rows)])
         ax.bar_label(bars, fmt="%.4g")
         ax.set_title(title, fontsize=10)
     fig.suptitle(os.path.basename(rows[0]["model"].rstrip("/")) + ": MHA vs MLA", fontsize=11)
@@ -99,13 +100,18 @@ def main():
     mla = convert_whisper_to_mla(mha, mla_args, calibration_audio=calibration,
                                  feature_extractor=processor.feature_extractor)
 
-    # 3. Evaluate both on the same held-out clips.
+    # 3. Evaluate them on the same held-out clips: MHA, MLA, and MLA with the int8 latent cache (the same weights).
+    label = f"MLA r={mla_args.kv_lora_rank}"
+    runs = [("mha", "MHA (original)", mha, None), ("mla", label, mla, mla_args.mla_cache_quantization)]
+    if mla_args.mla_cache_quantization is None:
+        runs.append(("mla_int8", f"{label} int8 cache", mla, "int8"))
     rows = []
-    for label, model in (("MHA (original)", mha), (f"MLA r={mla_args.kv_lora_rank}", mla)):
+    for name, label, model, cache_quantization in runs:
+        if model is mla:
+            model.config.mla_cache_quantization = cache_quantization
         generate_kwargs = build_generate_kwargs(model, language=demo_args.language)
         result = evaluate_model(model, processor, eval_set, demo_args.batch_size, generate_kwargs, desc=label)
-        write_predictions(os.path.join(demo_args.output_dir, f"predictions_{'mha' if not rows else 'mla'}.jsonl"),
-                          result.pop("predictions"))
+        write_predictions(os.path.join(demo_args.output_dir, f"predictions_{name}.jsonl"), result.pop("predictions"))
         rows.append({"label": label, **result, "model": demo_args.model_name_or_path})
 
     # 4. Report: terminal, JSON, PNG.

@@ -375,13 +375,19 @@ def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments, eval_
     model, processor = load_model_and_processor(
         name_or_path, device, dtype, model_args.attn_implementation, model_args.mla_cache_quantization
     )
-    if model_args.mla_cache_quantization is not None and name_or_path == model_args.model_name_or_path and (
-        model.config.model_type != "whisper_mla"
-    ):
-        raise ValueError(
-            f"--mla_cache_quantization applies to Whisper-MLA checkpoints, but found model_type "
-            f"{model.config.model_type!r} in {name_or_path!r}; drop the flag or convert the model first."
-        )
+    if model_args.mla_cache_quantization is not None:
+        if name_or_path == model_args.model_name_or_path and model.config.model_type != "whisper_mla":
+            raise ValueError(
+                f"--mla_cache_quantization applies to Whisper-MLA checkpoints, but found model_type "
+                f"{model.config.model_type!r} in {name_or_path!r}; drop the flag or convert the model first."
+            )
+        mla_blocks = [m for m in model.modules() if type(m).__name__ == "WhisperMLAAttention"]
+        if any(not hasattr(m, "pack_int8") for m in mla_blocks):
+            raise ValueError(
+                f"--mla_cache_quantization expects the checkpoint's own modeling code to support it, but the "
+                f"modeling_whisper_mla.py in {name_or_path!r} predates the int8 cache; copy this project's "
+                "modeling_whisper_mla.py and configuration_whisper_mla.py into it."
+            )
     generate_kwargs = build_generate_kwargs(
         model, eval_args.language, eval_args.task, eval_args.num_beams, eval_args.max_new_tokens
     )

@@ -41,6 +41,7 @@ def test_uniform_indices():
     (dict(kv_lora_rank=8, key_selection="l1"), r"`key_selection` expects one of \['uniform', '2-norm'\]"),
     (dict(kv_lora_rank=8, svd_method="qr"), r"`svd_method` expects one of \['joint', 'split'\]"),
     (dict(kv_lora_rank=8, mla_attn_implementation="fast"), r"`mla_attn_implementation` expects one of"),
+    (dict(kv_lora_rank=8, mla_cache_quantization="int4"), r"`mla_cache_quantization` expects one of \[None, 'int8'\]"),
     (dict(kv_lora_rank=8, kept_key_dims=1, mla_targets=["decoder_cross"],
           kept_key_indices={"decoder.layers.0.self_attn": [[0], [0]]}), r"expects exactly the converted blocks"),
     (dict(kv_lora_rank=8, kept_key_dims=1, mla_targets=["encoder_self"],
@@ -62,3 +63,5 @@ def test_converter_rejects_what_it_cannot_convert(tiny_mha):
         convert_whisper_to_mla(torch.nn.Linear(2, 2), kv_lora_rank=4)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=17)
+    with pytest.raises(ValueError, match="svd_objective='attention' expects an activation-aware joint SVD"):
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=4, svd_objective="attention")
