@@ -69,11 +69,12 @@ class MLAArguments:
     activation_aware: bool | None = field(
         default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
     )
-    svd_objective: str = field(
-        default="kv",
+    svd_objective: str | None = field(
+        default=None,
         metadata={"help": "What the joint SVD keeps: kv (the keys and values themselves) or attention (their effect "
                   "on the block output: key rows weighted by the query statistics, value rows by the output "
-                  "projection; needs calibration data).", "choices": ["kv", "attention"]},
+                  "projection; needs calibration data). Default: attention for an activation-aware joint SVD, "
+                  "else kv.", "choices": ["kv", "attention"]},
     )
 
 
@@ -342,7 +343,10 @@ def convert_whisper_to_mla(
             "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
             "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
         )
-    if mla_args.svd_objective == "attention" and not (activation_aware and config.svd_method == "joint"):
+    svd_objective = mla_args.svd_objective
+    if svd_objective is None:
+        svd_objective = "attention" if activation_aware and config.svd_method == "joint" else "kv"
+    if svd_objective == "attention" and not (activation_aware and config.svd_method == "joint"):
         raise ValueError(
             f"svd_objective='attention' expects an activation-aware joint SVD (calibration audio), but found "
             f"activation_aware={activation_aware}, svd_method={config.svd_method!r}; pass calibration audio and "
@@ -358,7 +362,7 @@ def convert_whisper_to_mla(
     provenance = {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "activation_aware": bool(activation_aware),
-        "svd_objective": mla_args.svd_objective,
+        "svd_objective": svd_objective,
         "calibration_clips": len(calibration_audio) if calibration_audio is not None else 0,
     }
     config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance)
@@ -367,7 +371,7 @@ def convert_whisper_to_mla(
     new_state = {}
     for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
         block_stats = stats[name] if (stats is not None and activation_aware) else None
-        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats, mla_args.svd_objective))
+        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats, svd_objective))
     new_state.update(state)  # every other weight is carried over unchanged
 
     mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)

@@ -32,7 +32,7 @@ class SweepArguments:
     kept_key_dims: list[int] = field(default_factory=lambda: [4])
     key_selections: list[str] = field(default_factory=lambda: ["uniform"])
     activation_aware: list[bool] = field(default_factory=lambda: [True])
-    svd_objectives: list[str] = field(default_factory=lambda: ["kv"], metadata={"help": "kv and/or attention."})
+    svd_objectives: list[str] = field(default_factory=lambda: ["attention"], metadata={"help": "kv and/or attention."})
     calibration: str = field(default="real_train", metadata={"help": "Manifest name: real_train or synthetic_train."})
     calibration_samples: int = field(default=64)
     max_eval_samples: int | None = field(default=None)
