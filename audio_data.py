@@ -1,7 +1,8 @@
 """One loader for every speech data source the whisper-mla scripts use.
 
 `load_speech_dataset` turns any of the sources below into a `SpeechDataset`: a list of examples
-`{"id": str, "audio": np.ndarray, "text": str | None}` where `audio` is always float32, mono, 16 kHz.
+`{"id": str, "audio": np.ndarray, "text": str | None}` where `audio` is always float32, mono, 16 kHz (with
+`lazy=True`, a `LazyAudio` that decodes to that when read).
 
 Sources (`data` argument):
     * a LibriSpeech-layout folder: `SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt` with lines `UTT_ID TEXT`,
@@ -98,6 +99,56 @@ def load_audio(path: Optional[PathLike], data: Optional[bytes] = None) -> np.nda
     return np.ascontiguousarray(waveform, dtype=np.float32)
 
 
+def audio_num_samples(path: Optional[PathLike], data: Optional[bytes] = None) -> int:
+    """The length of a clip at 16 kHz, read from its header without decoding it (raw G.722: from its size).
+
+    Raises:
+        SpeechDataError: the file does not exist, has no readable header, or holds no samples.
+    """
+    name = str(path) if path is not None else "<audio bytes>"
+    if data is None and (path is None or not os.path.isfile(path)):
+        raise SpeechDataError(
+            f"Audio file {name} does not exist. Check the path (manifest paths are resolved against the "
+            "manifest's folder) or pass skip_bad=True to skip such rows."
+        )
+    if name.lower().endswith(".g722"):
+        num_bytes = len(data) if data is not None else os.path.getsize(path)
+        num_samples = num_bytes * 8 * G722_SAMPLE_RATE // G722_BIT_RATE
+    else:
+        try:
+            info = soundfile.info(io.BytesIO(data) if data is not None else path)
+        except Exception as err:  # as in load_audio: the exception type depends on the input
+            raise SpeechDataError(
+                f"Could not read the header of audio {name}: {err}. Expected a format soundfile reads (WAV, FLAC, "
+                "OGG, MP3) or raw G.722 with a .g722 extension; re-encode the file or pass skip_bad=True."
+            ) from err
+        num_samples = round(info.frames * SAMPLING_RATE / info.samplerate)
+    if num_samples == 0:
+        raise SpeechDataError(f"Audio {name} contains no samples; remove it or pass skip_bad=True.")
+    return num_samples
+
+
+@dataclass(frozen=True)
+class LazyAudio:
+    """A clip decoded only when read (`load_speech_dataset(..., lazy=True)`): `len()` is its length at 16 kHz, from
+    the header; `load()` decodes it like `load_audio`."""
+
+    path: Optional[str]
+    data: Optional[bytes]
+    num_samples: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self) -> np.ndarray:
+        return load_audio(self.path, data=self.data)
+
+
+def as_waveform(audio: Union[np.ndarray, LazyAudio]) -> np.ndarray:
+    """The waveform of an example's audio, decoding it now if it was loaded lazily."""
+    return audio.load() if isinstance(audio, LazyAudio) else audio
+
+
 def _decode_g722(raw: bytes) -> np.ndarray:
     import G722  # PyPI package "g722"; the module name is upper case
 
@@ -175,6 +226,7 @@ def load_speech_dataset(
     skip_bad: bool = False,
     require_text: bool = True,
     config_name: Optional[str] = None,
+    lazy: bool = False,
 ) -> SpeechDataset:
     """Loads and decodes a speech dataset from any supported source (see the module docstring).
 
@@ -192,6 +244,8 @@ def load_speech_dataset(
             manifest) always raise.
         require_text: when False, examples may have `text=None` (label-free distillation, calibration).
         config_name: the configuration of a Hub dataset (e.g. "clean" for "librispeech_asr").
+        lazy: keep each clip's audio as a `LazyAudio` (path or encoded bytes, length from its header) and decode it
+            only when read, for corpora too large to hold decoded; headers are still checked here.
 
     Returns:
         A `SpeechDataset`; every `audio` is float32 mono at 16 kHz (other rates are resampled).
@@ -219,7 +273,7 @@ def load_speech_dataset(
             "folder, a JSON manifest, a save_to_disk/audiofolder folder, a folder of audio files, or a Hub id "
             "such as 'openslr/librispeech_asr'; check the path."
         )
-    dataset = _decode_rows(rows, require_text, skip_bad, max_samples, source=str(data))
+    dataset = _decode_rows(rows, require_text, skip_bad, max_samples, source=str(data), lazy=lazy)
     if not dataset.examples:
         raise SpeechDataError(
             f"Found no usable examples in {data} ({dataset.num_skipped} skipped). Check the data path and split."
@@ -230,7 +284,7 @@ def load_speech_dataset(
 
 
 def _decode_rows(
-    rows: Iterator[_Row], require_text: bool, skip_bad: bool, max_samples: Optional[int], source: str
+    rows: Iterator[_Row], require_text: bool, skip_bad: bool, max_samples: Optional[int], source: str, lazy: bool
 ) -> SpeechDataset:
     dataset = SpeechDataset(source=source)
     for row in rows:
@@ -240,7 +294,10 @@ def _decode_rows(
             text = _check_text(row, require_text)
             if row.path is None and row.data is None:
                 raise SpeechDataError("expected an audio path or audio bytes, but found neither.")
-            audio = load_audio(row.path, data=row.data)
+            if lazy:
+                audio = LazyAudio(row.path, row.data, audio_num_samples(row.path, data=row.data))
+            else:
+                audio = load_audio(row.path, data=row.data)
         except SpeechDataError as err:
             message = f"{row.where}: {err}"
             if not skip_bad:

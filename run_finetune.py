@@ -56,7 +56,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperAttention, shift_tokens_right
 
-from audio_data import SAMPLING_RATE, load_speech_dataset
+from audio_data import SAMPLING_RATE, as_waveform, load_speech_dataset
 from convert_whisper_to_mla import (
     MLAArguments,
     convert_whisper_to_mla,
@@ -141,6 +141,11 @@ class DataArguments:
     )
     max_duration_in_seconds: float = field(
         default=30.0, metadata={"help": "Drop (and count) longer clips: Whisper sees 30 s windows."}
+    )
+    lazy_audio_loading: bool = field(
+        default=False,
+        metadata={"help": "Decode each clip when a step reads it instead of all up front (corpora too large for "
+                  "memory, e.g. LibriSpeech train-other-500); lengths and headers are still checked at start."},
     )
     max_label_length: int | None = field(
         default=None,
@@ -346,7 +351,7 @@ def load_clips(sources: list[str], split, data_args: DataArguments, max_samples,
         dataset = load_speech_dataset(
             source, split=split, audio_column=data_args.audio_column_name, text_column=data_args.text_column_name,
             max_samples=remaining, skip_bad=data_args.skip_bad_samples, require_text=require_text,
-            config_name=data_args.dataset_config_name,
+            config_name=data_args.dataset_config_name, lazy=data_args.lazy_audio_loading,
         )
         examples += dataset.examples
         skipped += dataset.skipped
@@ -397,7 +402,7 @@ def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, ba
     desc = "pseudo-labelling" if teacher is not None else "encoding"
     dtype = next((encoder if encoder is not None else teacher).parameters()).dtype
     for start in tqdm(range(0, len(audios), batch_size), desc=desc, unit="batch"):
-        batch = audios[start : start + batch_size]
+        batch = [as_waveform(audio) for audio in audios[start : start + batch_size]]
         features = feature_extractor(batch, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         features = features.to(device, dtype)  # (B, n_mels, 3000)
         hidden = encoder(features).last_hidden_state if encoder is not None else None  # (B, frames, d_model)
@@ -426,7 +431,8 @@ class SpeechSeq2SeqDataset(torch.utils.data.Dataset):
         if self.encoder_states is not None:
             item["encoder_hidden_states"] = self.encoder_states[index]
         else:
-            features = self.feature_extractor(self.audios[index], sampling_rate=SAMPLING_RATE, return_tensors="np")
+            audio = as_waveform(self.audios[index])  # decoded here when the data was loaded lazily
+            features = self.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")
             item["input_features"] = features.input_features[0]  # (n_mels, 3000)
         return item
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from audio_data import SAMPLING_RATE, SpeechDataError, load_audio, load_speech_dataset
+from audio_data import SAMPLING_RATE, LazyAudio, SpeechDataError, as_waveform, load_audio, load_speech_dataset
 
 
 # (sampling rate, tone frequency): every rate is resampled to 16 kHz; tones stay below each Nyquist.
@@ -168,6 +168,26 @@ def test_g722(tmp_path):
     path.write_bytes(G722.G722(16000, 64000).encode(samples))
     assert_is_tone(load_audio(path), 440.0)
     assert_is_tone(load_audio("any-name.g722", data=path.read_bytes()), 440.0)
+
+
+def test_lazy_loading_decodes_on_read(librispeech_dir, saved_dataset_dir, tmp_path):
+    """Paths (files) and encoded bytes (datasets) stay undecoded; lengths come from headers; reads decode alike."""
+    G722 = pytest.importorskip("G722")
+    (tmp_path / "prompt.g722").write_bytes(G722.G722(16000, 64000).encode((tone(440.0, 16000) * 20000).astype(np.int16)))
+    (tmp_path / "g722.json").write_text(json.dumps({"annotation": [{"path": "prompt.g722", "text": "a prompt"}]}))
+    for data in (librispeech_dir, saved_dataset_dir, tmp_path / "g722.json"):
+        eager, lazy = load_speech_dataset(data), load_speech_dataset(data, lazy=True)
+        assert lazy.ids == eager.ids and lazy.texts == eager.texts
+        for lazy_example, example in zip(lazy, eager):
+            assert isinstance(lazy_example["audio"], LazyAudio)
+            assert abs(len(lazy_example["audio"]) - len(example["audio"])) <= 1  # header length at 16 kHz
+            np.testing.assert_array_equal(as_waveform(lazy_example["audio"]), example["audio"])
+        assert lazy.total_seconds == pytest.approx(eager.total_seconds, abs=1e-3)
+    # a file without a readable header is found at load time (or skipped and counted)
+    (librispeech_dir / "19" / "198" / "19-198-0000.flac").write_bytes(b"not audio")
+    with pytest.raises(SpeechDataError, match=r"19-198-0000.*Could not read the header"):
+        load_speech_dataset(librispeech_dir, lazy=True)
+    assert load_speech_dataset(librispeech_dir, lazy=True, skip_bad=True).num_skipped == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

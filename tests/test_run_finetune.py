@@ -214,6 +214,21 @@ def test_each_data_source_trains(tiny_checkpoint_dirs, sources, tmp_path, layout
     assert model.config.kv_lora_rank == 8 and model.config.auto_map["AutoModelForSpeechSeq2Seq"]
 
 
+@pytest.mark.parametrize("distill", [False, True], ids=["transcripts", "distill"])
+def test_lazy_audio_loading_trains_the_same_weights(tiny_checkpoint_dirs, sources, tmp_path, distill):
+    """Decoding each clip when a step reads it (or when pseudo-labels are made) changes nothing but memory."""
+    mha_dir, _ = tiny_checkpoint_dirs
+    data, extra = sources["save_to_disk"]  # encoded bytes; file paths take the same LazyAudio path
+    extra = [*extra, "--trainable", "mla", *(["--distill", "--precompute_encoder_outputs", "false"] if distill else [])]
+    weights = []
+    for lazy in ("false", "true"):
+        out = tmp_path / f"lazy-{lazy}"
+        run_finetune.main(fast_args(mha_dir, data, out, "--lazy_audio_loading", lazy, *extra))
+        weights.append(parameters(load_output(out)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_eval_reports_normalised_wer(tiny_checkpoint_dirs, sources, tmp_path):
     _, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
