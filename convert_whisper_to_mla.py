@@ -66,6 +66,7 @@ class MLAArguments:
                   "manifest, or a datasets dataset (save_to_disk folder or Hub id)."},
     )
     calibration_samples: int = field(default=64, metadata={"help": "Clips used for calibration at most."})
+    calibration_batch_size: int = field(default=16, metadata={"help": "Calibration clips per forward pass."})
     activation_aware: bool | None = field(
         default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
     )
@@ -98,7 +99,11 @@ def load_calibration_audio(data: str, max_samples: int) -> list[np.ndarray]:
 
 
 class _BlockStatistics:
-    """Running sums over calibration tokens for one attention block (float64)."""
+    """Running sums over calibration tokens for one attention block (float64).
+
+    `token_mask` (B, T), set per batch, marks the decoder positions that are real tokens: padding after a clip's end
+    of text is left out. Encoder outputs (the cross-attention keys' inputs, 1500 frames) are always all counted.
+    """
 
     def __init__(self, dim: int):
         self.input_gram = torch.zeros(dim, dim, dtype=torch.float64)  # sum of x x^T over the block's key/value inputs
@@ -109,17 +114,24 @@ class _BlockStatistics:
         self.num_queries = 0
         self.key_abs = torch.zeros(dim, dtype=torch.float64)
         self.num_keys = 0
+        self.token_mask = None
+
+    def _rows(self, states: torch.Tensor) -> torch.Tensor:
+        """(N, D) float64 rows of (B, T, D) states, without padded decoder positions."""
+        if self.token_mask is not None and states.shape[:2] == self.token_mask.shape:
+            states = states[self.token_mask]
+        return states.reshape(-1, states.shape[-1]).double()
 
     def add_keys(self, inputs: torch.Tensor, keys: torch.Tensor):
-        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        x, k = self._rows(inputs), self._rows(keys)
         self.input_gram += x.T @ x
         self.input_sum += x.sum(0)
         self.num_inputs += x.shape[0]
-        self.key_abs += keys.reshape(-1, keys.shape[-1]).double().abs().sum(0)
+        self.key_abs += k.abs().sum(0)
         self.num_keys += x.shape[0]
 
     def add_queries(self, queries: torch.Tensor):
-        q = queries.reshape(-1, queries.shape[-1]).double()
+        q = self._rows(queries)
         self.query_gram += q.T @ q
         self.query_abs += q.abs().sum(0)
         self.num_queries += q.shape[0]
@@ -134,29 +146,51 @@ def _attach_statistics_hooks(model, stats: dict[str, _BlockStatistics]) -> list:
     return hooks
 
 
+def decoder_input_mask(sequences: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) True before each row's first end of text: the tokens the decoder reads at inference (the prompt and the
+    transcript). Generation pads finished rows with end of text (Whisper's pad token); neither is ever read."""
+    is_eos = sequences.eq(eos_token_id)
+    return is_eos.cumsum(-1).eq(0)
+
+
 @torch.no_grad()
 def collect_calibration_statistics(
-    model: WhisperForConditionalGeneration, feature_extractor, audios: list[np.ndarray], block_names: list[str]
+    model: WhisperForConditionalGeneration,
+    feature_extractor,
+    audios: list[np.ndarray],
+    block_names: list[str],
+    batch_size: int = 16,
 ) -> dict[str, _BlockStatistics]:
-    """Runs the MHA model on each clip and accumulates, per block, the key/value input Gram matrix and mean |q|, |k|.
+    """Runs the MHA model on the clips, `batch_size` at a time, and accumulates per block the key/value input Gram
+    matrix, the query Gram matrix and mean |q|, |k|.
 
-    The decoder is teacher-forced on the model's own greedy transcript, so no labels are needed; cross-attention
-    keys come from the encoder output, as at inference.
+    The decoder is teacher-forced on the model's own greedy decode, prompt included (what it reads at inference), so
+    no labels are needed; cross-attention keys come from the encoder output, as at inference.
     """
     if not audios:
         raise ValueError("Calibration expects at least one audio clip, but found none; check --calibration_data.")
     stats = {name: _BlockStatistics(model.config.d_model) for name in block_names}
     model.eval()
-    for audio in tqdm(audios, desc="calibration", unit="clip"):
-        features = feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
-        features = features.to(model.device, model.dtype)
-        tokens = model.generate(features, max_new_tokens=min(128, model.config.max_target_positions // 2))
+    progress = tqdm(total=len(audios), desc="calibration", unit="clip")
+    for start in range(0, len(audios), batch_size):
+        batch = audios[start : start + batch_size]
+        features = feature_extractor(batch, sampling_rate=16000, return_tensors="pt").input_features
+        features = features.to(model.device, model.dtype)  # (B, n_mels, 3000)
+        tokens = model.generate(features, max_new_tokens=min(128, model.config.max_target_positions // 2),
+                                return_dict_in_generate=True).sequences  # (B, T): prompt, transcript, end of text
+        mask = decoder_input_mask(tokens, model.generation_config.eos_token_id)
+        for block_stats in stats.values():
+            block_stats.token_mask = mask
         hooks = _attach_statistics_hooks(model, stats)
         try:
             model(input_features=features, decoder_input_ids=tokens, use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
+        progress.update(len(batch))
+    progress.close()
+    for block_stats in stats.values():
+        block_stats.token_mask = None
     return stats
 
 
@@ -356,7 +390,8 @@ def convert_whisper_to_mla(
     if calibration_audio is not None:
         if feature_extractor is None:
             raise ValueError("Calibration audio needs Whisper's feature extractor; pass feature_extractor=...")
-        stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, config.mla_block_names())
+        stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, config.mla_block_names(),
+                                               batch_size=mla_args.calibration_batch_size)
 
     kept = select_kept_key_dims(config, stats)
     provenance = {

@@ -87,3 +87,27 @@ def test_default_settings_keep_wer(tiny_en, tiny_en_processor, speech):
     print(f"\nreal_eval WER: MHA {mha_wer:.2f}, MLA (defaults, r={args.kv_lora_rank}) {mla_wer:.2f}")
     assert mha_wer < 8
     assert mla_wer <= mha_wer + DEFAULT_WER_REGRESSION_BOUND
+
+
+def test_batched_calibration_counts_only_what_the_decoder_reads(tiny_en, tiny_en_processor, speech):
+    """Clips of different lengths in one batch: the statistics equal those of one clip at a time (padding after a
+    transcript's end is left out), and the decoder positions counted are the prompt plus each transcript."""
+    from convert_whisper_to_mla import collect_calibration_statistics, decoder_input_mask
+
+    audios = load_calibration_audio(speech["real_train"], 5)
+    names = ["decoder.layers.0.self_attn", "decoder.layers.3.encoder_attn"]
+    one, batched = (collect_calibration_statistics(tiny_en, tiny_en_processor.feature_extractor, audios, names,
+                                                   batch_size=size) for size in (1, 5))
+    features = tiny_en_processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
+    sequences = tiny_en.generate(features, max_new_tokens=64, return_dict_in_generate=True).sequences
+    eos = tiny_en.generation_config.eos_token_id
+    assert (sequences == eos).sum() > len(audios)  # the batch really holds padding
+    read = int(decoder_input_mask(sequences, eos).sum())  # start, no-timestamps and transcript tokens of each clip
+    for name in names:
+        assert one[name].num_queries == batched[name].num_queries == read
+        for key in ("input_gram", "query_gram", "key_abs"):
+            a, b = getattr(batched[name], key), getattr(one[name], key)
+            assert (a - b).norm() <= 1e-5 * b.norm()  # float32 batched vs single forward passes: rounding only
+    assert one[names[1]].num_inputs == 1500 * len(audios)  # cross-attention keys: every encoder frame
+    torch.testing.assert_close(decoder_input_mask(torch.tensor([[7, 1, 2, 0, 0], [7, 3, 0, 0, 0]]), 0),
+                               torch.tensor([[True, True, True, False, False], [True, True, False, False, False]]))
