@@ -70,13 +70,6 @@ class MLAArguments:
     activation_aware: bool | None = field(
         default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
     )
-    svd_objective: str | None = field(
-        default=None,
-        metadata={"help": "What the joint SVD keeps: kv (the keys and values themselves) or attention (their effect "
-                  "on the block output: key rows weighted by the query statistics, value rows by the output "
-                  "projection; needs calibration data). Default: attention for an activation-aware joint SVD, "
-                  "else kv.", "choices": ["kv", "attention"]},
-    )
 
 
 @dataclass
@@ -107,9 +100,7 @@ class _BlockStatistics:
 
     def __init__(self, dim: int):
         self.input_gram = torch.zeros(dim, dim, dtype=torch.float64)  # sum of x x^T over the block's key/value inputs
-        self.input_sum = torch.zeros(dim, dtype=torch.float64)
         self.num_inputs = 0
-        self.query_gram = torch.zeros(dim, dim, dtype=torch.float64)  # sum of q q^T (q_proj outputs, unscaled)
         self.query_abs = torch.zeros(dim, dtype=torch.float64)  # sum of |q| per query dim
         self.num_queries = 0
         self.key_abs = torch.zeros(dim, dtype=torch.float64)
@@ -125,14 +116,12 @@ class _BlockStatistics:
     def add_keys(self, inputs: torch.Tensor, keys: torch.Tensor):
         x, k = self._rows(inputs), self._rows(keys)
         self.input_gram += x.T @ x
-        self.input_sum += x.sum(0)
         self.num_inputs += x.shape[0]
         self.key_abs += k.abs().sum(0)
         self.num_keys += x.shape[0]
 
     def add_queries(self, queries: torch.Tensor):
         q = self._rows(queries)
-        self.query_gram += q.T @ q
         self.query_abs += q.abs().sum(0)
         self.num_queries += q.shape[0]
 
@@ -162,7 +151,7 @@ def collect_calibration_statistics(
     batch_size: int = 16,
 ) -> dict[str, _BlockStatistics]:
     """Runs the MHA model on the clips, `batch_size` at a time, and accumulates per block the key/value input Gram
-    matrix, the query Gram matrix and mean |q|, |k|.
+    matrix and mean |q|, |k|.
 
     The decoder is teacher-forced on the model's own greedy decode, prompt included (what it reads at inference), so
     no labels are needed; cross-attention keys come from the encoder output, as at inference.
@@ -231,49 +220,17 @@ def whitening(stats: _BlockStatistics | None, dim: int) -> tuple[torch.Tensor, t
     return matrix_sqrt(stats.input_gram / max(stats.num_inputs, 1))
 
 
-def attention_row_weights(stats: _BlockStatistics, w: dict, order: torch.Tensor, heads: int, n_kept: int):
-    """Row weights (G, G^-1) for the joint [compressed keys; values] matrix so that its low-rank error is measured
-    where it lands: in the block output. A key error moves head h's scores by q . dk (weight: the head's query second
-    moment, times the spread of the head's output over tokens, which is what a score change mixes); a value error
-    moves the output by W_o,h dv (weight: W_o,h^T W_o,h). First order; the softmax Jacobian is ignored."""
-    d_model = stats.input_gram.shape[0]
-    head_dim = d_model // heads
-    scaling = head_dim**-0.5
-    query_cov = stats.query_gram[order][:, order] / max(stats.num_queries, 1) * scaling**2  # permuted like the keys
-    mean = stats.input_sum / max(stats.num_inputs, 1)
-    input_cov = stats.input_gram / max(stats.num_inputs, 1) - torch.outer(mean, mean)  # centred
-    key_blocks, value_blocks = [], []
-    for h in range(heads):
-        cols = slice(h * head_dim, (h + 1) * head_dim)
-        w_o, w_v = w["out_proj.weight"][:, cols], w["v_proj.weight"][cols]  # (D, hd), (hd, D)
-        spread = torch.einsum("ij,jk,ik->", w_o @ w_v, input_cov, w_o @ w_v).clamp_min(1e-12).sqrt()
-        rows = slice(h * head_dim + n_kept, (h + 1) * head_dim)
-        g, g_inv = matrix_sqrt(query_cov[rows, rows])
-        key_blocks.append((g * spread, g_inv / spread))
-        value_blocks.append(matrix_sqrt(w_o.T @ w_o))
-    blocks = key_blocks + value_blocks
-    return torch.block_diag(*(b[0] for b in blocks)), torch.block_diag(*(b[1] for b in blocks))
-
-
-def low_rank(
-    matrix: torch.Tensor, rank: int, sqrt_cov, inv_sqrt_cov, row_weights=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """matrix (out, in) ~= up (out, rank) @ down (rank, in), minimising the error on whitened inputs, with the output
-    rows weighted by G when `row_weights = (G, G^-1)` is given: the SVD of G @ matrix @ C^(1/2).
+def low_rank(matrix: torch.Tensor, rank: int, sqrt_cov, inv_sqrt_cov) -> tuple[torch.Tensor, torch.Tensor]:
+    """matrix (out, in) ~= up (out, rank) @ down (rank, in), minimising the error on whitened inputs.
 
     The singular values are shared evenly between the two factors, which keeps both well scaled for fine-tuning.
     """
-    weight, inv_weight = row_weights if row_weights is not None else (None, None)
-    weighted = matrix if weight is None else weight @ matrix
-    u, s, vh = torch.linalg.svd(weighted @ sqrt_cov, full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrix @ sqrt_cov, full_matrices=False)
     root = s[:rank].sqrt()
-    up = u[:, :rank] * root
-    return up if inv_weight is None else inv_weight @ up, (root[:, None] * vh[:rank]) @ inv_sqrt_cov
+    return u[:, :rank] * root, (root[:, None] * vh[:rank]) @ inv_sqrt_cov
 
 
-def convert_attention_block(
-    state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats, svd_objective: str = "kv"
-) -> dict:
+def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats) -> dict:
     """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`.
 
     Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
@@ -302,11 +259,7 @@ def convert_attention_block(
     sqrt_cov, inv_sqrt_cov = whitening(stats, d_model)
     k_rank, v_rank = config.mla_latent_split()
     if config.svd_method == "joint":
-        row_weights = None
-        if svd_objective == "attention":
-            row_weights = attention_row_weights(stats, w, order, heads, n_kept)
-        up, down = low_rank(torch.cat([w_k_nope, w["v_proj.weight"]]), config.kv_lora_rank, sqrt_cov, inv_sqrt_cov,
-                            row_weights)
+        up, down = low_rank(torch.cat([w_k_nope, w["v_proj.weight"]]), config.kv_lora_rank, sqrt_cov, inv_sqrt_cov)
         up_k, up_v = up.split([w_k_nope.shape[0], d_model])
     else:
         up_k, down_k = low_rank(w_k_nope, k_rank, sqrt_cov, inv_sqrt_cov)
@@ -377,15 +330,6 @@ def convert_whisper_to_mla(
             "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
             "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
         )
-    svd_objective = mla_args.svd_objective
-    if svd_objective is None:
-        svd_objective = "attention" if activation_aware and config.svd_method == "joint" else "kv"
-    if svd_objective == "attention" and not (activation_aware and config.svd_method == "joint"):
-        raise ValueError(
-            f"svd_objective='attention' expects an activation-aware joint SVD (calibration audio), but found "
-            f"activation_aware={activation_aware}, svd_method={config.svd_method!r}; pass calibration audio and "
-            "svd_method='joint', or use svd_objective='kv'."
-        )
     stats = None
     if calibration_audio is not None:
         if feature_extractor is None:
@@ -397,7 +341,6 @@ def convert_whisper_to_mla(
     provenance = {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "activation_aware": bool(activation_aware),
-        "svd_objective": svd_objective,
         "calibration_clips": len(calibration_audio) if calibration_audio is not None else 0,
     }
     config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance)
@@ -406,7 +349,7 @@ def convert_whisper_to_mla(
     new_state = {}
     for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
         block_stats = stats[name] if (stats is not None and activation_aware) else None
-        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats, svd_objective))
+        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats))
     new_state.update(state)  # every other weight is carried over unchanged
 
     mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)

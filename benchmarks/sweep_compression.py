@@ -6,7 +6,6 @@ Converts the real Whisper tiny.en (imported from its PyPI package) at each setti
 manifest (never real_eval), and reports normalised WER on the held-out real_eval manifest.
 """
 
-import itertools
 import json
 import os
 import sys
@@ -32,7 +31,6 @@ class SweepArguments:
     kept_key_dims: list[int] = field(default_factory=lambda: [4])
     key_selections: list[str] = field(default_factory=lambda: ["uniform"])
     activation_aware: list[bool] = field(default_factory=lambda: [True])
-    svd_objectives: list[str] = field(default_factory=lambda: ["attention"], metadata={"help": "kv and/or attention."})
     calibration: str = field(default="real_train", metadata={"help": "Manifest name: real_train or synthetic_train."})
     calibration_samples: int = field(default=64)
     max_eval_samples: int | None = field(default=None)
@@ -62,20 +60,17 @@ def main():
     for rank in args.kv_lora_ranks:
         for kept in args.kept_key_dims:
             for selection in args.key_selections:
-                for aware, objective in itertools.product(args.activation_aware, args.svd_objectives):
-                    if objective == "attention" and not aware:
-                        continue  # the attention objective is defined on calibration statistics only
+                for aware in args.activation_aware:
                     mla = convert_whisper_to_mla(
                         mha, kv_lora_rank=rank, kept_key_dims=kept, key_selection=selection,
-                        activation_aware=aware, svd_objective=objective, calibration_audio=calibration,
+                        activation_aware=aware, calibration_audio=calibration,
                         feature_extractor=processor.feature_extractor,
                     )
                     mla_bytes = sum(expected_cache_bytes_per_token(mla.config, mla.dtype).values())
                     rows.append({
-                        "setting": f"r={rank} kept={kept} {selection} {'aware' if aware else 'plain'}-SVD "
-                                   f"objective={objective}",
+                        "setting": f"r={rank} kept={kept} {selection} {'aware' if aware else 'plain'}-SVD",
                         "kv_lora_rank": rank, "kept_key_dims": kept, "key_selection": selection,
-                        "activation_aware": aware, "svd_objective": objective,
+                        "activation_aware": aware,
                         "wer": evaluate_model(mla, processor, eval_set)["wer"],
                         "cache_reduction_%": round(100 * (1 - mla_bytes / mha_bytes), 1),
                     })

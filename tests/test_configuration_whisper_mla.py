@@ -63,5 +63,3 @@ def test_converter_rejects_what_it_cannot_convert(tiny_mha):
         convert_whisper_to_mla(torch.nn.Linear(2, 2), kv_lora_rank=4)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=17)
-    with pytest.raises(ValueError, match="svd_objective='attention' expects an activation-aware joint SVD"):
-        convert_whisper_to_mla(tiny_mha, kv_lora_rank=4, svd_objective="attention")
