@@ -38,10 +38,11 @@ class MLAArguments:
     """MLA settings, shared by convert_whisper_to_mla.py and run_finetune.py."""
 
     kv_lora_rank: int = field(
-        default=256,
+        default=192,
         metadata={"help": "Latent width cached per token and converted block. The default keeps WER without training "
-                  "on Whisper tiny.en (d_model 384, -63.5%% cache; benchmarks/sweep_compression.py); the original "
-                  "Whisper_MLA setting, 96 with 4 kept dims (-90%% on small), needs recovery training (run_finetune.py)."},
+                  "on Whisper tiny.en (d_model 384: -71.9%% cache, -92.7%% with --mla_cache_quantization int8; "
+                  "benchmarks/sweep_compression.py); the original Whisper_MLA setting, 96 with 4 kept dims (-90%% on "
+                  "small), needs recovery training (run_finetune.py)."},
     )
     kept_key_dims: int = field(default=4, metadata={"help": "Uncompressed key dims per head."})
     key_selection: str = field(
