@@ -558,6 +558,7 @@ def test_real_tiny_en_label_free_recovery_runs(tiny_en_dir, tmp_path):
         "--max_train_samples", "8", "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
         "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no",
         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--disable_tqdm", "true",
+        "--learning_rate", "1e-4",  # the calibrated init is already close: the config's 1e-3 overshoots a fixed batch
     ])
     assert metrics["global_step"] == 4 and metrics["eval_wer"] >= 0  # 4 steps do not recover -90% yet
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
