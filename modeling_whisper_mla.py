@@ -92,9 +92,10 @@ class WhisperMLAAttention(WhisperAttention):
         quantized, scales = [], []
         for part in (latent, kept):
             part = part.float()
-            scale = part.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127 if part.shape[-1] else part.new_ones(
-                bsz, 1, src_len, 1
-            )
+            if part.shape[-1]:
+                scale = part.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (B, 1, S, 1)
+            else:  # kept_key_dims=0: nothing to scale
+                scale = part.new_ones(bsz, 1, src_len, 1)
             quantized.append(torch.round(part / scale).to(torch.int8))
             scales.append(scale)
         scale_bytes = torch.cat(scales, -1).view(torch.int8)  # (B, 1, S, 2) float32 -> (B, 1, S, 8) int8
@@ -125,14 +126,15 @@ class WhisperMLAAttention(WhisperAttention):
         """
         bsz, heads, tgt_len, _ = query.shape
         kv_bsz, _, src_len, _ = latent.shape
-        rows = bsz // kv_bsz * heads * tgt_len  # query rows per latent entry
+        group = bsz // kv_bsz  # queries (beams) per latent entry
+        rows = group * heads * tgt_len  # query rows per latent entry
         q_kept, q_nope = query.split([self.qk_kept_head_dim, self.qk_nope_head_dim], dim=-1)
         w_uk = self.k_b_proj.weight.view(heads, self.qk_nope_head_dim, self.k_latent_dim)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).reshape(kv_bsz, rows, -1)  # (B', G*H*T, r_k)
         c_k = latent[:, 0, :, : self.k_latent_dim]  # (B', S, r_k), a view: the cached latent is never copied
         c_v = latent[:, 0, :, self.v_latent_offset :]  # (B', S, r_v)
         # Scores of the kept dims first (a fresh contiguous tensor); the latent's part is accumulated onto them.
-        q_kept = q_kept.reshape(kv_bsz, -1, heads, tgt_len, self.qk_kept_head_dim)  # (B', G, H, T, kept)
+        q_kept = q_kept.reshape(kv_bsz, group, heads, tgt_len, self.qk_kept_head_dim)  # (B', G, H, T, kept)
         scores = (q_kept @ k_kept.unsqueeze(1).transpose(-1, -2)).view(kv_bsz, rows, src_len)  # (B', G*H*T, S)
         if attention_mask is None and self.is_causal and tgt_len > 1:
             past = src_len - tgt_len

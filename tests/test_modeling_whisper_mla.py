@@ -186,6 +186,23 @@ def test_int8_cache(low_rank_mla):
     assert (tokens == fp_tokens).float().mean() > 0.8
 
 
+def test_no_kept_dims(tiny_mha):
+    """kept_key_dims=0 (all of every key compressed): both paths agree, beams and the int8 cache work."""
+    absorbed = convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=0)
+    naive = copy.deepcopy(absorbed)
+    naive.config.mla_attn_implementation = "naive"
+    x, ids = features(batch=2), prompt(tiny_mha, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(absorbed(x, decoder_input_ids=ids).logits, naive(x, decoder_input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy(absorbed, x, num_beams=2), greedy(naive, x, num_beams=2))
+    absorbed.config.mla_cache_quantization = "int8"
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    absorbed.generate(x, max_new_tokens=4, min_new_tokens=4, num_beams=2, cache=cache)
+    assert cache_nbytes(cache)["cross"] == 2 * 1500 * expected_cache_bytes_per_token(absorbed.config, torch.float32)[
+        "cross"] == 2 * 1500 * 2 * (6 + 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(low_rank_mla, dtype):
     model = copy.deepcopy(low_rank_mla).to(dtype)
