@@ -55,6 +55,20 @@ class SpeechDataError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_source(path: Optional[PathLike], data: Optional[bytes]) -> str:
+    """The clip's name for messages; raises unless there are bytes or an existing file."""
+    name = str(path) if path is not None else "<audio bytes>"
+    if data is None:
+        if path is None:
+            raise SpeechDataError("Expected an audio path or audio bytes, but found neither.")
+        if not os.path.isfile(path):
+            raise SpeechDataError(
+                f"Audio file {name} does not exist. Check the path (manifest paths are resolved against the "
+                "manifest's folder) or pass skip_bad=True to skip such rows."
+            )
+    return name
+
+
 def load_audio(path: Optional[PathLike], data: Optional[bytes] = None) -> np.ndarray:
     """Decodes one audio file to a float32 mono waveform at 16 kHz.
 
@@ -70,15 +84,7 @@ def load_audio(path: Optional[PathLike], data: Optional[bytes] = None) -> np.nda
     Raises:
         SpeechDataError: the file does not exist, cannot be decoded, or holds no samples.
     """
-    name = str(path) if path is not None else "<audio bytes>"
-    if data is None:
-        if path is None:
-            raise SpeechDataError("Expected an audio path or audio bytes, but found neither.")
-        if not os.path.isfile(path):
-            raise SpeechDataError(
-                f"Audio file {name} does not exist. Check the path (manifest paths are resolved against the "
-                "manifest's folder) or pass skip_bad=True to skip such rows."
-            )
+    name = _check_source(path, data)
     try:
         if name.lower().endswith(".g722"):
             raw = data if data is not None else Path(path).read_bytes()
@@ -105,12 +111,7 @@ def audio_num_samples(path: Optional[PathLike], data: Optional[bytes] = None) ->
     Raises:
         SpeechDataError: the file does not exist, has no readable header, or holds no samples.
     """
-    name = str(path) if path is not None else "<audio bytes>"
-    if data is None and (path is None or not os.path.isfile(path)):
-        raise SpeechDataError(
-            f"Audio file {name} does not exist. Check the path (manifest paths are resolved against the "
-            "manifest's folder) or pass skip_bad=True to skip such rows."
-        )
+    name = _check_source(path, data)
     if name.lower().endswith(".g722"):
         num_bytes = len(data) if data is not None else os.path.getsize(path)
         num_samples = num_bytes * 8 * G722_SAMPLE_RATE // G722_BIT_RATE

@@ -139,12 +139,12 @@ class WhisperMLAAttention(WhisperAttention):
         if attention_mask is None and self.is_causal and tgt_len > 1:
             past = src_len - tgt_len
             attention_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril(past)
-        if attention_mask is not None:  # (B, 1, T, S) or (T, S); the latent is shared only without a mask
-            mask = attention_mask.expand(bsz, heads, tgt_len, src_len).reshape(kv_bsz, rows, src_len)
-            if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        if attention_mask is not None:  # (B, 1, T, S) or (T, S), broadcast over a (B, H, T, S) view of the scores
+            scores_bhts = scores.view(bsz, heads, tgt_len, src_len)
+            if attention_mask.dtype == torch.bool:
+                scores_bhts.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
             else:
-                scores += mask
+                scores_bhts += attention_mask
         if output_attentions:
             # one (B', G*H*T, r_k) x (B', r_k, S) product for all heads, accumulated in place
             scores.baddbmm_(q_latent, c_k.transpose(1, 2))
@@ -204,9 +204,9 @@ class WhisperMLAAttention(WhisperAttention):
                 query, latent, k_kept, attention_mask, output_attentions=output_attentions
             )
         else:
-            if latent.shape[0] != bsz:  # a cross-attention latent shared by the beams of each utterance
-                latent = latent.repeat_interleave(bsz // latent.shape[0], dim=0)
-                k_kept = k_kept.repeat_interleave(bsz // k_kept.shape[0], dim=0)
+            group = bsz // latent.shape[0]  # > 1: a cross-attention latent shared by the beams of each utterance
+            if group > 1:
+                latent, k_kept = latent.repeat_interleave(group, dim=0), k_kept.repeat_interleave(group, dim=0)
             key, value = self.expand(latent, k_kept)
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -265,10 +265,8 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """As `GenerationMixin`'s, but the encoder output stays one per utterance when the cross latent is shared:
         each cross block then caches (B, 1, S, r) for B * expand_size beams (see `absorbed_attention`)."""
-        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
-        if encoder_outputs is not None and not (self.shares_cross_latent() and expand_size > 1):
-            model_kwargs["encoder_outputs"] = encoder_outputs
-            encoder_outputs = None
+        share = self.shares_cross_latent() and expand_size > 1
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None) if share else None
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder and encoder_outputs is None, input_ids, **model_kwargs
         )
