@@ -9,6 +9,7 @@ KEY_SELECTIONS = ("uniform", "2-norm")
 SVD_METHODS = ("joint", "split")
 MLA_ATTN_IMPLEMENTATIONS = ("absorb", "naive")
 MLA_CACHE_QUANTIZATIONS = (None, "int8")
+CROSS_ATTENTION_LATENTS = ("per_layer", "shared")
 
 
 def uniform_kept_indices(head_dim: int, kept_key_dims: int) -> list[int]:
@@ -49,6 +50,14 @@ class WhisperMLAConfig(WhisperConfig):
         mla_cache_quantization (`str`, *optional*):
             None: the cache holds the latent and kept key dims in the model dtype. "int8": both quantised to int8
             with one float32 absmax scale each per token (`r + heads * kept + 8` bytes per token and block).
+        cross_attention_latent (`str`, defaults to `"per_layer"`):
+            How converted decoder cross-attention blocks cache the encoder output. "per_layer": each block caches its
+            own latent (`kv_lora_rank` + kept key dims per frame). "shared": every layer's cross keys and values are
+            linear maps of the same encoder output, so ONE latent per frame (width `cross_kv_lora_rank`, no kept
+            dims) serves all layers; each block keeps its own up-projections, absorbed into its query and output.
+        cross_kv_lora_rank (`int`, *optional*):
+            Width of the shared cross-attention latent. None means `d_model`: the latent is the encoder output itself
+            (no down-projection, exact). Below `d_model` the decoder holds one down-projection `cross_kv_a_proj`.
         share_cross_latent_across_beams (`bool`, defaults to `True`):
             In beam search, cache one cross-attention latent per utterance instead of one copy per beam (applies
             when all decoder cross-attention blocks are converted).
@@ -68,6 +77,8 @@ class WhisperMLAConfig(WhisperConfig):
     svd_method: str = "joint"
     mla_attn_implementation: str = "absorb"
     mla_cache_quantization: str | None = None
+    cross_attention_latent: str = "per_layer"
+    cross_kv_lora_rank: int | None = None
     share_cross_latent_across_beams: bool = True
     kept_key_indices: dict | None = None
     mla_conversion: dict | None = None
@@ -75,11 +86,18 @@ class WhisperMLAConfig(WhisperConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.mla_targets = list(self.mla_targets)
+        self.check_mla_settings()
+
+    def check_mla_settings(self):
+        """Validates the MLA settings (kept key indices included), raising ValueError with expected/found/fix.
+
+        Runs at construction and again when a model is built, so values set after construction (e.g. keyword
+        arguments of `from_pretrained`) are checked too."""
         self._validate_mla()
         if self.kept_key_indices is None:
             self.kept_key_indices = {
                 name: [
-                    uniform_kept_indices(self.mla_head_dim(name), self.kept_key_dims)
+                    uniform_kept_indices(self.mla_head_dim(name), self.mla_kept_key_dims(name))
                     for _ in range(self.mla_num_heads(name))
                 ]
                 for name in self.mla_block_names()
@@ -104,11 +122,32 @@ class WhisperMLAConfig(WhisperConfig):
     def mla_head_dim(self, block_name: str) -> int:
         return self.d_model // self.mla_num_heads(block_name)
 
-    def mla_latent_split(self) -> tuple[int, int]:
-        """(key latent width, value latent width); both are the whole latent for joint SVD."""
-        if self.svd_method == "joint":
-            return self.kv_lora_rank, self.kv_lora_rank
-        return self.kv_lora_rank // 2, self.kv_lora_rank - self.kv_lora_rank // 2
+    def shares_cross_latent_across_layers(self) -> bool:
+        """Whether the converted cross-attention blocks read one latent shared by all layers."""
+        return self.cross_attention_latent == "shared" and "decoder_cross" in self.mla_targets
+
+    def is_shared_cross_block(self, block_name: str) -> bool:
+        return self.shares_cross_latent_across_layers() and block_name.endswith("encoder_attn")
+
+    def shared_cross_rank(self) -> int:
+        """Width of the shared cross-attention latent (`d_model` when `cross_kv_lora_rank` is None)."""
+        return self.d_model if self.cross_kv_lora_rank is None else self.cross_kv_lora_rank
+
+    def mla_rank(self, block_name: str) -> int:
+        """Latent width a converted block reads."""
+        return self.shared_cross_rank() if self.is_shared_cross_block(block_name) else self.kv_lora_rank
+
+    def mla_kept_key_dims(self, block_name: str) -> int:
+        """Uncompressed key dims per head of a converted block (none for a shared cross latent)."""
+        return 0 if self.is_shared_cross_block(block_name) else self.kept_key_dims
+
+    def mla_latent_split(self, block_name: str | None = None) -> tuple[int, int]:
+        """(key latent width, value latent width) of a block; both are the whole latent for joint SVD (always for a
+        shared cross latent)."""
+        rank = self.kv_lora_rank if block_name is None else self.mla_rank(block_name)
+        if self.svd_method == "joint" or (block_name is not None and self.is_shared_cross_block(block_name)):
+            return rank, rank
+        return rank // 2, rank - rank // 2
 
     def _validate_mla(self):
         unknown = [t for t in self.mla_targets if t not in MLA_TARGETS]
@@ -129,8 +168,31 @@ class WhisperMLAConfig(WhisperConfig):
                 f"`mla_cache_quantization` expects one of {list(MLA_CACHE_QUANTIZATIONS)}, but found "
                 f"{self.mla_cache_quantization!r}; pass None (model dtype) or 'int8'."
             )
+        if self.cross_attention_latent not in CROSS_ATTENTION_LATENTS:
+            raise ValueError(
+                f"`cross_attention_latent` expects one of {list(CROSS_ATTENTION_LATENTS)}, but found "
+                f"{self.cross_attention_latent!r}; pick one of those."
+            )
+        if self.cross_attention_latent == "shared" and "decoder_cross" not in self.mla_targets:
+            raise ValueError(
+                f"`cross_attention_latent='shared'` expects 'decoder_cross' in `mla_targets`, but found "
+                f"{self.mla_targets}; add 'decoder_cross' or use cross_attention_latent='per_layer'."
+            )
+        if self.cross_kv_lora_rank is not None:
+            if self.cross_attention_latent != "shared":
+                raise ValueError(
+                    f"`cross_kv_lora_rank` is the width of the shared cross-attention latent, but found "
+                    f"cross_kv_lora_rank={self.cross_kv_lora_rank} with cross_attention_latent="
+                    f"{self.cross_attention_latent!r}; set cross_attention_latent='shared' or leave it None."
+                )
+            if not isinstance(self.cross_kv_lora_rank, int) or not 1 <= self.cross_kv_lora_rank <= self.d_model:
+                raise ValueError(
+                    f"`cross_kv_lora_rank` expects an int in [1, d_model={self.d_model}] ({self.d_model} or None is "
+                    f"exact), but found {self.cross_kv_lora_rank!r}; pick a width in that range."
+                )
+        only_shared_cross = self.shares_cross_latent_across_layers() and "decoder_self" not in self.mla_targets
         for kind, heads in (("encoder", self.encoder_attention_heads), ("decoder", self.decoder_attention_heads)):
-            if not any(t.startswith(kind) for t in self.mla_targets):
+            if not any(t.startswith(kind) for t in self.mla_targets) or (kind == "decoder" and only_shared_cross):
                 continue
             head_dim = self.d_model // heads
             if not 0 <= self.kept_key_dims <= head_dim:
@@ -175,10 +237,11 @@ class WhisperMLAConfig(WhisperConfig):
         for name, per_head in self.kept_key_indices.items():
             heads, head_dim = self.mla_num_heads(name), self.mla_head_dim(name)
             shape_ok = isinstance(per_head, (list, tuple)) and len(per_head) == heads
-            shape_ok = shape_ok and all(isinstance(h, (list, tuple)) and len(h) == self.kept_key_dims for h in per_head)
+            kept = self.mla_kept_key_dims(name)
+            shape_ok = shape_ok and all(isinstance(h, (list, tuple)) and len(h) == kept for h in per_head)
             if not shape_ok:
                 raise ValueError(
-                    f"`kept_key_indices[{name!r}]` expects {heads} lists (one per head) of {self.kept_key_dims} "
+                    f"`kept_key_indices[{name!r}]` expects {heads} lists (one per head) of {kept} "
                     f"indices, but found {per_head!r}; pass None to use uniform indices."
                 )
             for head, indices in enumerate(per_head):
@@ -191,8 +254,9 @@ class WhisperMLAConfig(WhisperConfig):
                     )
 
     def mla_cache_values_per_token(self, block_name: str) -> int:
-        """Values cached per token by one converted block: the latent plus the kept key dims of every head."""
-        return self.kv_lora_rank + self.mla_num_heads(block_name) * self.kept_key_dims
+        """Values cached per token by one converted block: the latent plus the kept key dims of every head. A shared
+        cross latent is cached once for all layers; this counts it for every block that reads it."""
+        return self.mla_rank(block_name) + self.mla_num_heads(block_name) * self.mla_kept_key_dims(block_name)
 
     def mla_cache_bytes_per_token(self, block_name: str, itemsize: int) -> int:
         """Bytes cached per token by one converted block, with values of `itemsize` bytes unless quantised."""

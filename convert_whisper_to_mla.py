@@ -53,6 +53,18 @@ class MLAArguments:
         default_factory=lambda: ["decoder_self", "decoder_cross"],
         metadata={"help": "Converted blocks: any of encoder_self, decoder_self, decoder_cross."},
     )
+    cross_attention_latent: str = field(
+        default="per_layer",
+        metadata={"help": "per_layer: each cross-attention block caches its own latent. shared: one latent of width "
+                  "--cross_kv_lora_rank serves every decoder layer (the encoder output itself at d_model: exact).",
+                  "choices": ["per_layer", "shared"]},
+    )
+    cross_kv_lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "Width of the shared cross-attention latent; default d_model (exact, no down-projection). "
+                  "Below d_model one activation-aware SVD over all layers' cross keys and values gives the shared "
+                  "down-projection."},
+    )
     mla_attn_implementation: str = field(
         default="absorb", metadata={"help": "Decode path.", "choices": ["absorb", "naive"]}
     )
@@ -187,6 +199,13 @@ def collect_calibration_statistics(
 # --------------------------------------------------------------------------------------------- factorisation
 
 
+def calibrated_blocks(config: WhisperMLAConfig) -> list[str]:
+    """Blocks whose statistics conversion needs: every converted block, but only the first of the cross blocks that
+    share one latent (they all read the same encoder output)."""
+    shared = [name for name in config.mla_block_names() if config.is_shared_cross_block(name)]
+    return [name for name in config.mla_block_names() if name not in shared[1:]]
+
+
 def select_kept_key_dims(config: WhisperMLAConfig, stats: dict[str, _BlockStatistics] | None) -> dict:
     """Per block and head, the kept key dims: uniform, or the top mean|q_i| * mean|k_i| (sorted ascending)."""
     if config.key_selection == "uniform" or config.kept_key_dims == 0:
@@ -196,8 +215,10 @@ def select_kept_key_dims(config: WhisperMLAConfig, stats: dict[str, _BlockStatis
             "key_selection='2-norm' expects calibration audio to score key dims, but found none; pass "
             "--calibration_data (or calibration_audio=...) or use --key_selection uniform."
         )
-    indices = {}
+    indices = copy.deepcopy(config.kept_key_indices)
     for name in config.mla_block_names():
+        if config.mla_kept_key_dims(name) == 0:  # a shared cross latent keeps no key dims
+            continue
         s, heads = stats[name], config.mla_num_heads(name)
         score = (s.query_abs / s.num_queries) * (s.key_abs / s.num_keys)  # (D,)
         top = score.view(heads, -1).topk(config.kept_key_dims, dim=-1).indices  # (H, kept)
@@ -231,12 +252,8 @@ def low_rank(matrix: torch.Tensor, rank: int, sqrt_cov, inv_sqrt_cov) -> tuple[t
     return u[:, :rank] * root, (root[:, None] * vh[:rank]) @ inv_sqrt_cov
 
 
-def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats) -> dict:
-    """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`.
-
-    Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
-    """
-    heads, head_dim, d_model = config.mla_num_heads(name), config.mla_head_dim(name), config.d_model
+def pop_attention_weights(state: dict, name: str, d_model: int) -> dict:
+    """Pops block `name`'s q/k/v/out weights from `state` (float64), checking their shapes."""
     w = {key: state.pop(f"{name}.{key}").double() for key in
          ("q_proj.weight", "q_proj.bias", "k_proj.weight", "v_proj.weight", "v_proj.bias", "out_proj.weight",
           "out_proj.bias")}
@@ -244,6 +261,16 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
         expected = (d_model, d_model) if key.endswith("weight") else (d_model,)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{name}.{key}: expected shape {expected}, found {tuple(tensor.shape)}.")
+    return w
+
+
+def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats) -> dict:
+    """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`.
+
+    Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
+    """
+    heads, head_dim, d_model = config.mla_num_heads(name), config.mla_head_dim(name), config.d_model
+    w = pop_attention_weights(state, name, d_model)
 
     # Within each head: kept dims first, then the compressed ones, in order. q is permuted the same way, so
     # q . k is unchanged.
@@ -278,6 +305,38 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
     }
 
 
+def convert_shared_cross_attention(state: dict, config: WhisperMLAConfig, names: list[str], stats) -> dict:
+    """MLA weights of the cross-attention blocks `names` reading one shared latent, from their MHA weights.
+
+    Every layer's cross keys and values are linear maps of the same encoder output h: stacked, M = [W_k,1; W_v,1; ...;
+    W_k,L; W_v,L] (2 L d_model, d_model). At width d_model the latent is h itself: the up-projections are the
+    original weights and there is no down-projection (exact). Below it, one (activation-aware) SVD of M gives the
+    shared down-projection `decoder.cross_kv_a_proj` and every layer's up-projections. Pops what it converts.
+    """
+    d_model, rank = config.d_model, config.shared_cross_rank()
+    weights = [pop_attention_weights(state, name, d_model) for name in names]
+    stacked = torch.cat([torch.cat([w["k_proj.weight"], w["v_proj.weight"]]) for w in weights])  # (2 L d, d)
+    new_state = {}
+    if rank < d_model:
+        sqrt_cov, inv_sqrt_cov = whitening(stats, d_model)
+        up, down = low_rank(stacked, rank, sqrt_cov, inv_sqrt_cov)  # (2 L d, r), (r, d)
+        new_state["decoder.cross_kv_a_proj.weight"] = down
+    else:
+        up = stacked
+    for name, w, up_block in zip(names, weights, up.split(2 * d_model)):
+        up_k, up_v = up_block.split(d_model)  # (d, r) each
+        new_state.update({
+            f"{name}.q_proj.weight": w["q_proj.weight"],
+            f"{name}.q_proj.bias": w["q_proj.bias"],
+            f"{name}.k_b_proj.weight": up_k,
+            f"{name}.v_b_proj.weight": up_v,
+            f"{name}.v_b_proj.bias": w["v_proj.bias"],
+            f"{name}.out_proj.weight": w["out_proj.weight"],
+            f"{name}.out_proj.bias": w["out_proj.bias"],
+        })
+    return new_state
+
+
 def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_indices=None, provenance=None):
     """A WhisperMLAConfig with the Whisper config's hyperparameters and the MLA settings."""
     base = whisper_config.to_dict()
@@ -290,6 +349,8 @@ def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_ind
         kept_key_dims=mla_args.kept_key_dims,
         key_selection=mla_args.key_selection,
         svd_method=mla_args.svd_method,
+        cross_attention_latent=mla_args.cross_attention_latent,
+        cross_kv_lora_rank=mla_args.cross_kv_lora_rank,
         mla_attn_implementation=mla_args.mla_attn_implementation,
         mla_cache_quantization=mla_args.mla_cache_quantization,
         kept_key_indices=kept_key_indices,
@@ -335,7 +396,7 @@ def convert_whisper_to_mla(
     if calibration_audio is not None:
         if feature_extractor is None:
             raise ValueError("Calibration audio needs Whisper's feature extractor; pass feature_extractor=...")
-        stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, config.mla_block_names(),
+        stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, calibrated_blocks(config),
                                                batch_size=mla_args.calibration_batch_size)
 
     kept = select_kept_key_dims(config, stats)
@@ -348,9 +409,14 @@ def convert_whisper_to_mla(
 
     state = {k.removeprefix("model."): v for k, v in model.state_dict().items() if k.startswith("model.")}
     new_state = {}
+    shared_cross = [name for name in config.mla_block_names() if config.is_shared_cross_block(name)]
     for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
-        block_stats = stats[name] if (stats is not None and activation_aware) else None
-        new_state.update(convert_attention_block(state, config, name, kept[name], block_stats))
+        if name not in shared_cross:
+            block_stats = stats[name] if (stats is not None and activation_aware) else None
+            new_state.update(convert_attention_block(state, config, name, kept[name], block_stats))
+    if shared_cross:  # every cross block reads the encoder output: one block's statistics serve all
+        cross_stats = stats[shared_cross[0]] if (stats is not None and activation_aware) else None
+        new_state.update(convert_shared_cross_attention(state, config, shared_cross, cross_stats))
     new_state.update(state)  # every other weight is carried over unchanged
 
     mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)

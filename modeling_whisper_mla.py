@@ -11,6 +11,12 @@ Whisper has no RoPE, so folding W_uk into the query and W_uv into the output is 
 sums to one the value bias folds into the output as well. The absorbed path reads only the latent, which is shared
 by all heads: one (B, H*T, r) x (B, r, S) matmul instead of H per-head products over full keys.
 
+Cross-attention may instead read ONE latent shared by all decoder layers (`cross_attention_latent="shared"`): every
+layer's cross keys and values are linear maps of the same encoder output h, so h itself (or one down-projection of it,
+`decoder.cross_kv_a_proj`) is a latent for all of them. It is cached once, in the cross-attention slot of layer 0, and
+every cross block absorbs its own up-projections exactly as above; at width d_model there is no down-projection and
+the conversion is exact.
+
 Within each head the kept key dims come first, then the compressed ones (the converter permutes `q_proj` rows to
 match), so the split between them is one `torch.split`. The cache is transformers' own `EncoderDecoderCache`: a
 converted layer stores the latent in the "keys" slot, shape (B, 1, S, r), and the kept key dims in the "values" slot,
@@ -22,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperDecoder
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.whisper.modeling_whisper import (
@@ -43,7 +50,14 @@ class WhisperMLAAttention(WhisperAttention):
     alignment heads of word timestamps) find it; it builds its own projections.
     """
 
-    def __init__(self, config: WhisperMLAConfig, num_heads: int, is_causal: bool = False, layer_idx: int | None = None):
+    def __init__(
+        self,
+        config: WhisperMLAConfig,
+        num_heads: int,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+        block_name: str = "",
+    ):
         nn.Module.__init__(self)
         self.config = config
         self.embed_dim = config.d_model
@@ -55,15 +69,19 @@ class WhisperMLAAttention(WhisperAttention):
         self.is_causal = is_causal
         self.layer_idx = layer_idx
 
-        self.kv_lora_rank = config.kv_lora_rank
-        self.qk_kept_head_dim = config.kept_key_dims
-        self.qk_nope_head_dim = self.head_dim - config.kept_key_dims
-        self.k_latent_dim, self.v_latent_dim = config.mla_latent_split()
+        # a shared cross latent arrives already compressed (the decoder projects the encoder output once) and is
+        # cached in layer 0's slot; the block then has no down-projection and no kept key dims
+        self.shared_latent = config.is_shared_cross_block(block_name)
+        self.kv_lora_rank = config.mla_rank(block_name)
+        self.qk_kept_head_dim = config.mla_kept_key_dims(block_name)
+        self.qk_nope_head_dim = self.head_dim - self.qk_kept_head_dim
+        self.k_latent_dim, self.v_latent_dim = config.mla_latent_split(block_name)
         # split SVD: the key latent is c[:k_latent_dim] and the value latent c[-v_latent_dim:]; joint: both are all of c
         self.v_latent_offset = self.kv_lora_rank - self.v_latent_dim
 
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
-        self.kv_a_proj = nn.Linear(self.embed_dim, self.kv_lora_rank + num_heads * self.qk_kept_head_dim, bias=False)
+        if not self.shared_latent:
+            self.kv_a_proj = nn.Linear(self.embed_dim, self.kv_lora_rank + num_heads * self.qk_kept_head_dim, bias=False)
         self.k_b_proj = nn.Linear(self.k_latent_dim, num_heads * self.qk_nope_head_dim, bias=False)
         self.v_b_proj = nn.Linear(self.v_latent_dim, self.embed_dim, bias=True)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
@@ -71,6 +89,8 @@ class WhisperMLAAttention(WhisperAttention):
     def compress(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache holds: latent (B, 1, S, r) and kept key dims (B, H, S, kept)."""
         bsz, src_len, _ = states.shape
+        if self.shared_latent:  # states is the shared latent (B, S, r) itself
+            return states.unsqueeze(1), states.new_zeros(bsz, self.num_heads, src_len, 0)
         latent, k_kept = self.kv_a_proj(states).split([self.kv_lora_rank, self.num_heads * self.qk_kept_head_dim], -1)
         k_kept = k_kept.view(bsz, src_len, self.num_heads, self.qk_kept_head_dim).transpose(1, 2)  # (B, H, S, kept)
         return latent.unsqueeze(1), k_kept
@@ -177,25 +197,28 @@ class WhisperMLAAttention(WhisperAttention):
         query = self.q_proj(hidden_states) * self.scaling  # same order as Whisper: scale before the product
         query = query.view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, head_dim)
 
+        cache_idx = 0 if self.shared_latent else self.layer_idx  # one shared cross latent, in layer 0's slot
         is_updated = False
         if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
+            is_updated = cache.is_updated.get(cache_idx)
             if is_cross_attention:
-                cache.is_updated[self.layer_idx] = True
+                cache.is_updated[cache_idx] = True
                 cache = cache.cross_attention_cache
             else:
                 cache = cache.self_attention_cache
 
         int8_cache = self.config.mla_cache_quantization == "int8" and cache is not None
         if is_cross_attention and cache is not None and is_updated:
-            latent, k_kept = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            latent, k_kept = cache.layers[cache_idx].keys, cache.layers[cache_idx].values
+            if cache_idx != self.layer_idx:
+                alias_cache_layer(cache, self.layer_idx, cache_idx)
         else:
             latent, k_kept = self.compress(key_value_states if is_cross_attention else hidden_states)
             if int8_cache:  # the cache holds one packed int8 tensor in the keys slot and an empty values slot
                 packed = self.pack_int8(latent, k_kept)
-                latent, k_kept = cache.update(packed, packed[..., :0], self.layer_idx)
+                latent, k_kept = cache.update(packed, packed[..., :0], cache_idx)
             elif cache is not None:
-                latent, k_kept = cache.update(latent, k_kept, self.layer_idx)
+                latent, k_kept = cache.update(latent, k_kept, cache_idx)
         if int8_cache:
             latent, k_kept = self.unpack_int8(latent, query.dtype)
 
@@ -226,14 +249,46 @@ class WhisperMLAAttention(WhisperAttention):
         return self.out_proj(attn_output), attn_weights
 
 
+def alias_cache_layer(cache: Cache, layer_idx: int, source_idx: int) -> None:
+    """Points cache layer `layer_idx` at layer `source_idx`'s tensors (no copy): every layer of a shared cross latent
+    then holds the same storage, so per-layer cache consumers (Whisper's output splitting, beam reorder) see it."""
+    while len(cache.layers) <= layer_idx and cache.layer_class_to_replicate is not None:  # as `Cache.update` does
+        cache.layers.append(cache.layer_class_to_replicate())
+    layer, source = cache.layers[layer_idx], cache.layers[source_idx]
+    if layer.keys is source.keys:
+        return
+    if not layer.is_initialized:
+        layer.lazy_initialization(source.keys, source.values)
+    layer.keys, layer.values = source.keys, source.values
+
+
 def replace_attention_with_mla(model: WhisperModel, config: WhisperMLAConfig) -> None:
     """Swaps the blocks named by `config.mla_block_names()` for (freshly initialised) `WhisperMLAAttention`."""
     for name in config.mla_block_names():
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
-        mla = WhisperMLAAttention(config, old.num_heads, is_causal=old.is_causal, layer_idx=old.layer_idx)
+        mla = WhisperMLAAttention(config, old.num_heads, is_causal=old.is_causal, layer_idx=old.layer_idx,
+                                  block_name=name)
         setattr(parent, attr, mla)
+
+
+class WhisperMLADecoder(WhisperDecoder):
+    """Whisper's decoder; with a shared cross-attention latent narrower than d_model it projects the encoder output
+    down once (`cross_kv_a_proj`) before the layers read it, and not at all once the latent is cached."""
+
+    def __init__(self, config: WhisperMLAConfig):
+        super().__init__(config)
+        rank = config.shared_cross_rank()
+        self.cross_kv_a_proj = None
+        if config.shares_cross_latent_across_layers() and rank < config.d_model:
+            self.cross_kv_a_proj = nn.Linear(config.d_model, rank, bias=False)
+
+    def forward(self, *args, encoder_hidden_states=None, cache=None, **kwargs):
+        cross_cached = isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0)
+        if self.cross_kv_a_proj is not None and encoder_hidden_states is not None and not cross_cached:
+            encoder_hidden_states = self.cross_kv_a_proj(encoder_hidden_states)  # (B, S, d_model) -> (B, S, r)
+        return super().forward(*args, encoder_hidden_states=encoder_hidden_states, cache=cache, **kwargs)
 
 
 class WhisperMLAPreTrainedModel(WhisperPreTrainedModel):
@@ -245,7 +300,9 @@ class WhisperMLAPreTrainedModel(WhisperPreTrainedModel):
 
 class WhisperMLAModel(WhisperMLAPreTrainedModel, WhisperModel):
     def __init__(self, config: WhisperMLAConfig):
+        config.check_mla_settings()  # settings may have been changed after the config was built (from_pretrained)
         WhisperModel.__init__(self, config)
+        self.decoder = WhisperMLADecoder(config)
         replace_attention_with_mla(self, config)
         self.post_init()
 
@@ -258,14 +315,14 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
         self.max_target_positions = config.max_target_positions
         self.post_init()
 
-    def shares_cross_latent(self) -> bool:
+    def shares_cross_latent_across_beams(self) -> bool:
         """Whether beam search caches one cross-attention latent per utterance (every cross block converted)."""
         return self.config.share_cross_latent_across_beams and "decoder_cross" in self.config.mla_targets
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """As `GenerationMixin`'s, but the encoder output stays one per utterance when the cross latent is shared:
         each cross block then caches (B, 1, S, r) for B * expand_size beams (see `absorbed_attention`)."""
-        share = self.shares_cross_latent() and expand_size > 1
+        share = self.shares_cross_latent_across_beams() and expand_size > 1
         encoder_outputs = model_kwargs.pop("encoder_outputs", None) if share else None
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder and encoder_outputs is None, input_ids, **model_kwargs
@@ -275,11 +332,16 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
         return input_ids, model_kwargs
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
-        """Beam search's reorder; a shared cross latent (one entry per utterance) is the same for every beam of it."""
+        """Beam search's reorder; a cross latent shared by the beams of an utterance (one entry per utterance) is the
+        same for every beam of it, and a cross latent shared by all layers is reordered once."""
         cache.self_attention_cache.reorder_cache(beam_idx)
-        for layer in cache.cross_attention_cache.layers:
+        cross_layers = cache.cross_attention_cache.layers
+        for i, layer in enumerate(cross_layers):
             if layer.is_initialized and layer.keys.shape[0] == beam_idx.shape[0]:
-                layer.reorder_cache(beam_idx)
+                if i > 0 and self.config.shares_cross_latent_across_layers():
+                    alias_cache_layer(cache.cross_attention_cache, i, 0)
+                else:
+                    layer.reorder_cache(beam_idx)
         return cache
 
     def cache_bytes_per_token(self) -> dict[str, int]:
@@ -297,11 +359,15 @@ def expected_cache_bytes_per_token(config, dtype: torch.dtype, mha: bool = False
     # by model_type, not isinstance: a checkpoint loaded as remote code has its own copy of the config class
     is_mla = getattr(config, "model_type", None) == "whisper_mla"
     converted = set(config.mla_block_names()) if is_mla and not mha else set()
+    shared_cross = bool(converted) and config.shares_cross_latent_across_layers()
     totals = {"self": 0, "cross": 0}
     for i in range(config.decoder_layers):
         for kind, attr in (("self", "self_attn"), ("cross", "encoder_attn")):
             name = f"decoder.layers.{i}.{attr}"
-            if name in converted:
+            if shared_cross and kind == "cross":
+                if i == 0:  # cached once for all layers
+                    totals[kind] += config.mla_cache_bytes_per_token(name, itemsize)
+            elif name in converted:
                 totals[kind] += config.mla_cache_bytes_per_token(name, itemsize)
             else:
                 totals[kind] += 2 * config.d_model * itemsize
@@ -309,20 +375,25 @@ def expected_cache_bytes_per_token(config, dtype: torch.dtype, mha: bool = False
 
 
 def cache_nbytes(cache: EncoderDecoderCache) -> dict[str, int]:
-    """Bytes actually held by a generation cache: {"self": ..., "cross": ...}, summed over layers' tensors."""
-    totals = {}
+    """Bytes actually held by a generation cache: {"self": ..., "cross": ...}, summed over layers' tensors; a storage
+    that several layers point at is counted once."""
+    totals, seen = {}, set()
     for kind, sub_cache in (("self", cache.self_attention_cache), ("cross", cache.cross_attention_cache)):
-        totals[kind] = sum(
-            t.numel() * t.element_size()
-            for layer in sub_cache.layers
-            if layer.is_initialized
-            for t in (layer.keys, layer.values)
-        )
+        totals[kind] = 0
+        for layer in sub_cache.layers:
+            if not layer.is_initialized:
+                continue
+            for tensor in (layer.keys, layer.values):
+                storage = tensor.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    totals[kind] += storage.nbytes()
     return totals
 
 
 __all__ = [
     "WhisperMLAAttention",
+    "WhisperMLADecoder",
     "WhisperMLAModel",
     "WhisperMLAForConditionalGeneration",
     "cache_nbytes",
