@@ -374,6 +374,13 @@ def expected_cache_bytes_per_token(config, dtype: torch.dtype, mha: bool = False
     return totals
 
 
+def expected_cache_bytes_per_utterance(config, dtype: torch.dtype, tokens: int = 100, mha: bool = False) -> int:
+    """Decoder cache bytes of one utterance (batch 1, greedy): cross-attention over the encoder's frames (30 s) plus
+    self-attention over `tokens` decoder tokens, summed over layers."""
+    per_token = expected_cache_bytes_per_token(config, dtype, mha=mha)
+    return per_token["cross"] * config.max_source_positions + per_token["self"] * tokens
+
+
 def cache_nbytes(cache: EncoderDecoderCache) -> dict[str, int]:
     """Bytes actually held by a generation cache: {"self": ..., "cross": ...}, summed over layers' tensors; a storage
     that several layers point at is counted once."""
@@ -398,4 +405,5 @@ __all__ = [
     "WhisperMLAForConditionalGeneration",
     "cache_nbytes",
     "expected_cache_bytes_per_token",
+    "expected_cache_bytes_per_utterance",
 ]

@@ -1,9 +1,15 @@
 """WER without training at several MLA settings on real speech: how the converter's defaults were chosen.
 
-    python benchmarks/sweep_compression.py --output_dir outputs/sweep --kv_lora_ranks 384 192 128 96 48
+    python benchmarks/sweep_compression.py --model tiny.en --settings self=192,cross=per_layer:192 \
+        self=mha,cross=shared self=256,cross=shared self=192,cross=shared:320
 
-Converts the real Whisper tiny.en (imported from its PyPI package) at each setting, calibrated on the real_train
-manifest (never real_eval), and reports normalised WER on the held-out real_eval manifest.
+A setting names the self-attention latent (`self=R` or `self=mha`: not converted) and the cross-attention latent
+(`cross=per_layer:R`, `cross=shared` (width d_model: exact), `cross=shared:R`, or `cross=mha`); every converted block
+keeps `--kept_key_dims` key dims per head (a shared cross latent keeps none). The packaged real Whisper (tiny.en or
+base, imported from PyPI) is converted at each setting, calibrated on `--calibration` (never evaluated), and scored on
+each `--eval_sets` manifest: `multi_eval` (several real speakers calibration never heard) first, `real_eval` (the
+calibration speaker's voice, held-out prompts) second. The cache column is one 30 s utterance (1500 encoder frames)
+with `--tokens` decoder tokens, float32, against MHA's float32 cache; `int8` is the same model with its int8 cache.
 """
 
 import json
@@ -13,72 +19,101 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
 
 from audio_data import load_speech_dataset  # noqa: E402
 from convert_whisper_to_mla import convert_whisper_to_mla, load_calibration_audio  # noqa: E402
 from import_ctranslate2 import ensure_packaged_model  # noqa: E402
 from make_speech_data import ensure_speech_data  # noqa: E402
-from modeling_whisper_mla import expected_cache_bytes_per_token  # noqa: E402
-from run_eval import evaluate_model  # noqa: E402
+from modeling_whisper_mla import expected_cache_bytes_per_utterance  # noqa: E402
+from run_eval import build_generate_kwargs, evaluate_model  # noqa: E402
 
 
 @dataclass
 class SweepArguments:
     output_dir: str = field(default="outputs/sweep")
     model: str = field(default="tiny.en", metadata={"help": "Packaged model: tiny.en or base."})
-    kv_lora_ranks: list[int] = field(default_factory=lambda: [384, 192, 128, 96, 64, 48])
-    kept_key_dims: list[int] = field(default_factory=lambda: [4])
-    key_selections: list[str] = field(default_factory=lambda: ["uniform"])
-    activation_aware: list[bool] = field(default_factory=lambda: [True])
+    settings: list[str] = field(
+        default_factory=lambda: ["self=192,cross=per_layer:192", "self=mha,cross=shared", "self=192,cross=shared"],
+        metadata={"help": "Settings to convert, e.g. self=192,cross=shared:256 (see the module docstring)."},
+    )
+    kept_key_dims: int = field(default=4)
+    eval_sets: list[str] = field(default_factory=lambda: ["multi_eval", "real_eval"],
+                                 metadata={"help": "Manifest names of make_speech_data.py to score."})
     calibration: str = field(default="real_train", metadata={"help": "Manifest name: real_train or synthetic_train."})
     calibration_samples: int = field(default=64)
+    tokens: int = field(default=100, metadata={"help": "Decoder tokens of the utterance the cache column counts."})
     max_eval_samples: int | None = field(default=None)
-    speech_dir: str | None = field(default=None, metadata={"help": "Use manifests already built there."})
+    language: str | None = field(default=None, metadata={"help": "For multilingual models, e.g. 'en'."})
 
 
-def write_rows(args: SweepArguments, rows: list[dict]) -> None:
-    with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:
-        json.dump({"model": args.model, "calibration": args.calibration, "rows": rows}, f, indent=2)
+def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
+    """Converter keyword arguments of a setting such as "self=192,cross=shared:256"; None for MHA itself."""
+    parts = dict(part.split("=", 1) for part in spec.split(","))
+    if set(parts) != {"self", "cross"}:
+        raise ValueError(f"A setting expects self=...,cross=..., but found {spec!r}; e.g. self=192,cross=shared.")
+    targets, kwargs = [], {"kept_key_dims": kept_key_dims, "kv_lora_rank": 1}
+    if parts["self"] != "mha":
+        targets.append("decoder_self")
+        kwargs["kv_lora_rank"] = int(parts["self"])
+    cross, _, rank = parts["cross"].partition(":")
+    if cross == "shared":
+        targets.append("decoder_cross")
+        kwargs.update(cross_attention_latent="shared", cross_kv_lora_rank=int(rank) if rank else None)
+    elif cross == "per_layer":
+        targets.append("decoder_cross")
+        if "decoder_self" in targets and int(rank) != kwargs["kv_lora_rank"]:
+            raise ValueError(f"Per-layer cross and self latents share kv_lora_rank, but found {spec!r}.")
+        kwargs["kv_lora_rank"] = int(rank)
+    elif cross != "mha":
+        raise ValueError(f"cross expects per_layer:R, shared, shared:R or mha, but found {cross!r} in {spec!r}.")
+    return {**kwargs, "mla_targets": targets} if targets else None
 
 
 def main():
     (args,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
+    settings = {spec: parse_setting(spec, args.kept_key_dims) for spec in ["self=mha,cross=mha", *args.settings]}
     model_dir = ensure_packaged_model(args.model)
-    manifests = ensure_speech_data() if args.speech_dir is None else {
-        name: os.path.join(args.speech_dir, f"{name}.json") for name in ("real_eval", "real_train", "synthetic_train")
-    }
+    manifests = ensure_speech_data()
     processor = AutoProcessor.from_pretrained(model_dir)
     mha = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
-    eval_set = list(load_speech_dataset(str(manifests["real_eval"]), max_samples=args.max_eval_samples))
+    eval_sets = {name: list(load_speech_dataset(str(manifests[name]), max_samples=args.max_eval_samples))
+                 for name in args.eval_sets}
     calibration = load_calibration_audio(str(manifests[args.calibration]), args.calibration_samples)
-    mha_bytes = sum(expected_cache_bytes_per_token(mha.config, mha.dtype).values())
+    mha_bytes = expected_cache_bytes_per_utterance(mha.config, torch.float32, args.tokens, mha=True)
 
-    rows = [{"setting": "MHA", "wer": evaluate_model(mha, processor, eval_set)["wer"], "cache_reduction_%": 0.0}]
-    print(rows[-1], flush=True)
-    for rank in args.kv_lora_ranks:
-        for kept in args.kept_key_dims:
-            for selection in args.key_selections:
-                for aware in args.activation_aware:
-                    mla = convert_whisper_to_mla(
-                        mha, kv_lora_rank=rank, kept_key_dims=kept, key_selection=selection,
-                        activation_aware=aware, calibration_audio=calibration,
-                        feature_extractor=processor.feature_extractor,
-                    )
-                    mla_bytes = sum(expected_cache_bytes_per_token(mla.config, mla.dtype).values())
-                    rows.append({
-                        "setting": f"r={rank} kept={kept} {selection} {'aware' if aware else 'plain'}-SVD",
-                        "kv_lora_rank": rank, "kept_key_dims": kept, "key_selection": selection,
-                        "activation_aware": aware,
-                        "wer": evaluate_model(mla, processor, eval_set)["wer"],
-                        "cache_reduction_%": round(100 * (1 - mla_bytes / mha_bytes), 1),
-                    })
-                    print(rows[-1], flush=True)
-                    write_rows(args, rows)  # after every setting: a long sweep can be stopped early
-    print("| setting | cache reduction | WER (real_eval) |\n|---|---|---|")
+    rows = []
+    for spec, kwargs in settings.items():
+        model = mha if kwargs is None else convert_whisper_to_mla(
+            mha, calibration_audio=calibration, feature_extractor=processor.feature_extractor, **kwargs)
+        row = {"setting": spec, "converter_kwargs": kwargs}
+        for quantization in (None, "int8"):
+            if kwargs is not None:
+                model.config.mla_cache_quantization = quantization
+            utterance = expected_cache_bytes_per_utterance(model.config, torch.float32, args.tokens)
+            suffix = "" if quantization is None else "_int8"
+            row[f"cache_per_utterance{suffix}"] = utterance
+            row[f"reduction{suffix}_%"] = round(100 * (1 - utterance / mha_bytes), 1)
+        if kwargs is not None:
+            model.config.mla_cache_quantization = None
+        generate_kwargs = build_generate_kwargs(model, language=args.language)
+        for name, eval_set in eval_sets.items():
+            row[f"wer_{name}"] = evaluate_model(model, processor, eval_set, generate_kwargs=generate_kwargs,
+                                                desc=f"{spec} on {name}")["wer"]
+        rows.append(row)
+        print(row, flush=True)
+        with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:  # after every setting: stoppable
+            json.dump({"model": args.model, "calibration": args.calibration, "tokens": args.tokens, "rows": rows},
+                      f, indent=2)
+    header = " | ".join(f"WER {name}" for name in eval_sets)
+    print(f"\n| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |")
+    print("|---|---|---|---|" + "---|" * len(eval_sets))
     for row in rows:
-        print(f"| {row['setting']} | {row['cache_reduction_%']}% | {row['wer']:.2f} |")
+        wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
+        print(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
+              f"{row['reduction_int8_%']}% | {wers} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The conversion on the real Whisper tiny.en and recorded human speech (Asterisk prompts, held out)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import WhisperForConditionalGeneration
@@ -48,6 +50,39 @@ def test_full_rank_transcribes_exactly_like_mha(tiny_en, tiny_en_processor, eval
                                  calibration_audio=calibration, feature_extractor=tiny_en_processor.feature_extractor)
     assert torch.equal(transcripts(mla, tiny_en_processor, eval_clips),
                        transcripts(tiny_en, tiny_en_processor, eval_clips))
+
+
+@pytest.mark.parametrize("model_name", ["tiny.en", "base"])
+def test_shared_cross_latent_at_full_width_is_exact(model_name, eval_clips):
+    """The encoder output as the one cross latent of every layer: MHA's logits (1e-4) and tokens, greedy and beam,
+    on real weights and recorded speech; the cross cache is d_model values per frame, once."""
+    from import_ctranslate2 import ensure_packaged_model
+    from transformers import AutoProcessor
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from modeling_whisper_mla import cache_nbytes
+
+    model_dir = ensure_packaged_model(model_name)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    mha = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    mla = convert_whisper_to_mla(mha, mla_targets=["decoder_cross"], cross_attention_latent="shared")
+    clips = eval_clips[:4]
+    x = processor.feature_extractor([c["audio"] for c in clips], sampling_rate=16000, return_tensors="pt")
+    kwargs = {"language": "en", "task": "transcribe"} if model_name == "base" else {}
+    sequences = mha.generate(x.input_features, max_new_tokens=64, **kwargs)
+    # exact maths: in float64 the logits agree to 1e-4 (float32 differs by rounding, ~2e-4 on logits of ~60, since
+    # the absorbed path multiplies in another order)
+    mha64 = copy.deepcopy(mha).double()
+    mla64 = convert_whisper_to_mla(mha64, mla_targets=["decoder_cross"], cross_attention_latent="shared")
+    features64 = x.input_features[:2].double()
+    with torch.no_grad():
+        torch.testing.assert_close(mla64(features64, decoder_input_ids=sequences[:2]).logits,
+                                   mha64(features64, decoder_input_ids=sequences[:2]).logits, atol=1e-4, rtol=0)
+    assert torch.equal(mla.generate(x.input_features, max_new_tokens=64, **kwargs), sequences)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    beams = mla.generate(x.input_features[:2], max_new_tokens=32, num_beams=3, cache=cache, **kwargs)
+    assert torch.equal(beams, mha.generate(x.input_features[:2], max_new_tokens=32, num_beams=3, **kwargs))
+    assert cache_nbytes(cache)["cross"] == 2 * 1500 * mha.config.d_model * 4  # one latent per utterance, all layers
 
 
 def test_pipeline_on_real_mla_checkpoint(tiny_en, tiny_en_processor, eval_clips, speech, tmp_path):
