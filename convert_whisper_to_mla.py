@@ -26,7 +26,11 @@ from transformers import (
 )
 
 from configuration_whisper_mla import WhisperMLAConfig
-from modeling_whisper_mla import WhisperMLAForConditionalGeneration, expected_cache_bytes_per_token
+from modeling_whisper_mla import (
+    WhisperMLAForConditionalGeneration,
+    expected_cache_bytes_per_token,
+    expected_cache_bytes_per_utterance,
+)
 
 
 REMOTE_CODE_FILES = ("configuration_whisper_mla.py", "modeling_whisper_mla.py", "pipeline_whisper_mla.py")
@@ -83,6 +87,12 @@ class MLAArguments:
     activation_aware: bool | None = field(
         default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
     )
+
+    def __post_init__(self):
+        for name in ("calibration_samples", "calibration_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} expects a positive integer, but found {value!r}; pass 1 or more.")
 
 
 @dataclass
@@ -194,6 +204,20 @@ def collect_calibration_statistics(
     for block_stats in stats.values():
         block_stats.token_mask = None
     return stats
+
+
+def check_calibration_statistics(stats: dict[str, _BlockStatistics], block_names: list[str]) -> None:
+    """Refuses statistics that miss a block or saw no inputs for it: its SVD would silently be the plain one."""
+    for name in block_names:
+        block_stats = stats.get(name)
+        if block_stats is None or block_stats.num_inputs == 0 or block_stats.num_queries == 0:
+            found = "no entry" if block_stats is None else (
+                f"{block_stats.num_inputs} key inputs and {block_stats.num_queries} queries")
+            raise ValueError(
+                f"Calibration expects statistics for every converted block, but found {found} for {name}; collect "
+                "them with collect_calibration_statistics(model, ..., block_names=calibrated_blocks(config)) on at "
+                "least one clip that the model transcribes."
+            )
 
 
 # --------------------------------------------------------------------------------------------- factorisation
@@ -364,6 +388,7 @@ def convert_whisper_to_mla(
     mla_args: MLAArguments | None = None,
     calibration_audio: list[np.ndarray] | None = None,
     feature_extractor=None,
+    calibration_statistics: dict | None = None,
     **mla_kwargs,
 ) -> WhisperMLAForConditionalGeneration:
     """Converts a loaded Whisper model into a Whisper-MLA model (a new model; the input is left untouched).
@@ -373,6 +398,8 @@ def convert_whisper_to_mla(
         mla_args: the MLA settings; or pass them as keyword arguments (`kv_lora_rank=96, kept_key_dims=4, ...`).
         calibration_audio: 16 kHz waveforms for 2-norm key selection and activation-aware SVD.
         feature_extractor: Whisper's feature extractor, needed with calibration audio.
+        calibration_statistics: what `collect_calibration_statistics` returned for this model and the blocks to
+            convert; lets several conversions share one calibration pass (instead of calibration_audio).
 
     Returns:
         `WhisperMLAForConditionalGeneration` in the input model's dtype, with its generation config.
@@ -384,26 +411,30 @@ def convert_whisper_to_mla(
         )
     mla_args = mla_args or MLAArguments(**mla_kwargs)
     config = mla_config_from_whisper(model.config, mla_args)  # validates the settings before any work
+    calibrated = calibration_audio is not None or calibration_statistics is not None
     activation_aware = mla_args.activation_aware
     if activation_aware is None:
-        activation_aware = calibration_audio is not None
-    if (activation_aware or config.key_selection == "2-norm") and calibration_audio is None:
+        activation_aware = calibrated
+    if (activation_aware or config.key_selection == "2-norm") and not calibrated:
         raise ValueError(
             "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
             "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
         )
-    stats = None
-    if calibration_audio is not None:
+    stats = calibration_statistics
+    if stats is None and calibration_audio is not None:
         if feature_extractor is None:
             raise ValueError("Calibration audio needs Whisper's feature extractor; pass feature_extractor=...")
         stats = collect_calibration_statistics(model, feature_extractor, calibration_audio, calibrated_blocks(config),
                                                batch_size=mla_args.calibration_batch_size)
+    if stats is not None:
+        check_calibration_statistics(stats, calibrated_blocks(config))
 
     kept = select_kept_key_dims(config, stats)
     provenance = {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "activation_aware": bool(activation_aware),
-        "calibration_clips": len(calibration_audio) if calibration_audio is not None else 0,
+        "calibration_clips": len(calibration_audio) if calibration_audio is not None else (
+            stats[calibrated_blocks(config)[0]].num_inputs // model.config.max_source_positions if stats else 0),
     }
     config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance)
 
@@ -494,22 +525,33 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
         base_model=base if base and not os.path.isdir(base) else None,
         tags=["whisper", "whisper-mla", "multi-head-latent-attention"],
     )
+    if config.shares_cross_latent_across_layers():
+        width = config.shared_cross_rank()
+        cross = (f"Cross-attention reads ONE latent of {width} values per encoder frame, cached once for all "
+                 f"{config.decoder_layers} decoder layers" + (" (the encoder output itself: exact)."
+                                                               if width == config.d_model else "."))
+    else:
+        cross = "Each converted cross-attention block caches its own latent."
+    utterance = {name: expected_cache_bytes_per_utterance(config, model.dtype, 100, mha=name == "mha")
+                 for name in ("mha", "mla")}
     body = f"""
 # Whisper-MLA
 
 This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head latent attention (MLA) in
-{', '.join(config.mla_targets)} attention: each converted block caches one latent of {config.kv_lora_rank} values
-per token plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values.
+{', '.join(config.mla_targets)} attention: a converted block caches one latent of {config.kv_lora_rank} values
+per token plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values. {cross}
 
 | setting | value |
 |---|---|
 | converted blocks | {', '.join(config.mla_targets)} |
 | kv_lora_rank | {config.kv_lora_rank} |
+| cross-attention latent | {config.cross_attention_latent}{f' (width {config.shared_cross_rank()})' if config.shares_cross_latent_across_layers() else ''} |
 | kept key dims per head | {config.kept_key_dims} ({config.key_selection}) |
 | SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')} |
 | decode path | {config.mla_attn_implementation} |
-| decoder cache bytes per token ({model.dtype}) | {sum(mla.values())} (MHA: {sum(mha.values())}) |
-| cache reduction | {reduction:.1f}% |
+| decoder cache bytes per decoder token + per encoder frame ({model.dtype}) | {sum(mla.values())} (MHA: {sum(mha.values())}) |
+| cache reduction per token | {reduction:.1f}% |
+| decoder cache of a 30 s utterance with 100 tokens | {utterance['mla'] / 2**20:.2f} MiB (MHA: {utterance['mha'] / 2**20:.2f} MiB, -{100 * (1 - utterance['mla'] / utterance['mha']):.1f}%) |
 
 ```python
 from transformers import pipeline
@@ -541,9 +583,9 @@ def main():
     mla_model = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
                                        feature_extractor=processor.feature_extractor)
     save_mla_checkpoint(mla_model, processor, conversion_args.output_dir)
-    mla, mha = (sum(expected_cache_bytes_per_token(mla_model.config, mla_model.dtype, mha=m).values()) for m in (0, 1))
-    print(f"Saved Whisper-MLA checkpoint to {conversion_args.output_dir}: decoder cache {mla} bytes/token "
-          f"(MHA {mha}, -{100 * (1 - mla / mha):.1f}%).")
+    mla, mha = (expected_cache_bytes_per_utterance(mla_model.config, mla_model.dtype, 100, mha=m) for m in (0, 1))
+    print(f"Saved Whisper-MLA checkpoint to {conversion_args.output_dir}: decoder cache of a 30 s utterance with 100 "
+          f"tokens {mla / 2**20:.2f} MiB (MHA {mha / 2**20:.2f} MiB, -{100 * (1 - mla / mha):.1f}%).")
     if conversion_args.push_to_hub:
         from huggingface_hub import HfApi
 

@@ -23,7 +23,11 @@ import torch  # noqa: E402
 from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
 
 from audio_data import load_speech_dataset  # noqa: E402
-from convert_whisper_to_mla import convert_whisper_to_mla, load_calibration_audio  # noqa: E402
+from convert_whisper_to_mla import (  # noqa: E402
+    collect_calibration_statistics,
+    convert_whisper_to_mla,
+    load_calibration_audio,
+)
 from import_ctranslate2 import ensure_packaged_model  # noqa: E402
 from make_speech_data import ensure_speech_data  # noqa: E402
 from modeling_whisper_mla import expected_cache_bytes_per_utterance  # noqa: E402
@@ -82,12 +86,15 @@ def main():
     eval_sets = {name: list(load_speech_dataset(str(manifests[name]), max_samples=args.max_eval_samples))
                  for name in args.eval_sets}
     calibration = load_calibration_audio(str(manifests[args.calibration]), args.calibration_samples)
+    # one calibration pass for every setting: statistics of all decoder blocks
+    blocks = [f"decoder.layers.{i}.{attn}" for i in range(mha.config.decoder_layers)
+              for attn in ("self_attn", "encoder_attn")]
+    stats = collect_calibration_statistics(mha, processor.feature_extractor, calibration, blocks)
     mha_bytes = expected_cache_bytes_per_utterance(mha.config, torch.float32, args.tokens, mha=True)
 
     rows = []
     for spec, kwargs in settings.items():
-        model = mha if kwargs is None else convert_whisper_to_mla(
-            mha, calibration_audio=calibration, feature_extractor=processor.feature_extractor, **kwargs)
+        model = mha if kwargs is None else convert_whisper_to_mla(mha, calibration_statistics=stats, **kwargs)
         row = {"setting": spec, "converter_kwargs": kwargs}
         for quantization in (None, "int8"):
             if kwargs is not None:
