@@ -100,6 +100,11 @@ def load_audio(path: Optional[PathLike], data: Optional[bytes] = None) -> np.nda
         ) from err
     if waveform.size == 0:
         raise SpeechDataError(f"Audio {name} contains no samples; remove it or pass skip_bad=True.")
+    if not np.isfinite(waveform).all():  # float WAVs can hold NaN/inf, which would silently poison the features
+        raise SpeechDataError(
+            f"Audio {name} holds {int((~np.isfinite(waveform)).sum())} NaN or infinite samples; expected finite "
+            "samples in [-1, 1]: re-encode the file or pass skip_bad=True."
+        )
     if sampling_rate != SAMPLING_RATE:
         waveform = soxr.resample(waveform, sampling_rate, SAMPLING_RATE)
     return np.ascontiguousarray(waveform, dtype=np.float32)
@@ -132,22 +137,59 @@ def audio_num_samples(path: Optional[PathLike], data: Optional[bytes] = None) ->
 @dataclass(frozen=True)
 class LazyAudio:
     """A clip decoded only when read (`load_speech_dataset(..., lazy=True)`): `len()` is its length at 16 kHz, from
-    the header; `load()` decodes it like `load_audio`."""
+    the header; `load()` decodes it like `load_audio`.
+
+    Only the header was checked when the dataset was loaded, so `load()` can still fail (a FLAC whose body is
+    damaged); its `SpeechDataError` then starts with `where`, the clip's row in its source (e.g. "entry 3 of manifest
+    train.json"), and names the file.
+    """
 
     path: Optional[str]
     data: Optional[bytes]
     num_samples: int
+    where: Optional[str] = None
 
     def __len__(self) -> int:
         return self.num_samples
 
     def load(self) -> np.ndarray:
-        return load_audio(self.path, data=self.data)
+        try:
+            return load_audio(self.path, data=self.data)
+        except SpeechDataError as err:
+            if self.where is None:
+                raise
+            raise SpeechDataError(f"{self.where}: {err}") from err
 
 
 def as_waveform(audio: Union[np.ndarray, LazyAudio]) -> np.ndarray:
     """The waveform of an example's audio, decoding it now if it was loaded lazily."""
     return audio.load() if isinstance(audio, LazyAudio) else audio
+
+
+def drop_undecodable(examples: list, skip_bad: bool) -> tuple[list, list]:
+    """Decodes every lazily loaded clip once, without keeping the waveform, to find the ones whose body is damaged
+    (their header, checked at load time, can be fine). For data read in full anyway before training (evaluation
+    sets, clips a teacher transcribes up front), so that a bad clip is skipped or reported before any work.
+
+    Returns:
+        (the examples that decode, one message per dropped example).
+
+    Raises:
+        SpeechDataError: a clip does not decode and `skip_bad` is False; it names the clip.
+    """
+    kept, skipped = [], []
+    for example in examples:
+        if isinstance(example["audio"], LazyAudio):
+            try:
+                example["audio"].load()
+            except SpeechDataError as err:
+                if not skip_bad:
+                    raise
+                logger.warning("Skipping %s", err)
+                skipped.append(str(err))
+                continue
+        kept.append(example)
+    return kept, skipped
 
 
 def _decode_g722(raw: bytes) -> np.ndarray:
@@ -296,7 +338,7 @@ def _decode_rows(
             if row.path is None and row.data is None:
                 raise SpeechDataError("expected an audio path or audio bytes, but found neither.")
             if lazy:
-                audio = LazyAudio(row.path, row.data, audio_num_samples(row.path, data=row.data))
+                audio = LazyAudio(row.path, row.data, audio_num_samples(row.path, data=row.data), where=row.where)
             else:
                 audio = load_audio(row.path, data=row.data)
         except SpeechDataError as err:
@@ -311,7 +353,12 @@ def _decode_rows(
 
 
 def _check_text(row: _Row, require_text: bool) -> Optional[str]:
-    text = None if row.text is None else str(row.text).strip()
+    if row.text is not None and not isinstance(row.text, str):  # str() of a list or number would train on it
+        raise SpeechDataError(
+            f"expected the transcript to be a string, but found {type(row.text).__name__} {row.text!r:.80}; fix the "
+            "transcript, or pass skip_bad=True to skip such rows."
+        )
+    text = None if row.text is None else row.text.strip()
     if not text:
         if require_text:
             raise SpeechDataError(
@@ -327,9 +374,20 @@ def _check_text(row: _Row, require_text: bool) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A text file's content; a file in another encoding than UTF-8 is named in the error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpeechDataError(
+            f"Expected {what} {path} to be UTF-8 text, but byte {err.start} is not ({err.reason}); re-save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)."
+        ) from err
+
+
 def _manifest_rows(manifest_path: Path) -> Iterator[_Row]:
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(_read_text(manifest_path, "the manifest"))
     except json.JSONDecodeError as err:
         raise SpeechDataError(
             f"Manifest {manifest_path} is not valid JSON ({err}). Expected {MANIFEST_FORMAT}."
@@ -345,6 +403,11 @@ def _manifest_rows(manifest_path: Path) -> Iterator[_Row]:
         where = f"entry {index} of manifest {manifest_path}"
         entry = entry if isinstance(entry, dict) else {}
         audio_path = entry.get("path")
+        if audio_path is not None and not isinstance(audio_path, str):
+            raise SpeechDataError(
+                f"{where}: expected \"path\" to be a file path string, but found {audio_path!r}. Expected "
+                f"{MANIFEST_FORMAT}."
+            )
         if audio_path is not None:
             audio_path = str(folder / audio_path)  # absolute paths stay absolute
         example_id = str(entry.get("id") or Path(str(entry.get("path", index))).with_suffix("").as_posix())
@@ -392,7 +455,8 @@ def _folder_rows(
 
 def _librispeech_rows(transcript_files: list) -> Iterator[_Row]:
     for transcript_file in transcript_files:
-        for line_number, line in enumerate(transcript_file.read_text(encoding="utf-8").splitlines(), start=1):
+        lines = _read_text(transcript_file, "the transcript file").splitlines()
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             utterance_id, _, text = line.strip().partition(" ")
@@ -405,21 +469,40 @@ def _librispeech_rows(transcript_files: list) -> Iterator[_Row]:
 def _audiofolder_rows(metadata_path: Path, text_column: str, require_text: bool) -> Iterator[_Row]:
     # Read like datasets' "audiofolder" builder would, but without it: the builder encodes audio through
     # torchcodec, which is not available here.
-    with open(metadata_path, encoding="utf-8", newline="") as f:
-        if metadata_path.suffix == ".csv":
-            records = list(csv.DictReader(f))
-            columns = list(records[0]) if records else []
-        else:
-            records = [json.loads(line) for line in f if line.strip()]
-            columns = sorted({key for record in records for key in record})
+    content = _read_text(metadata_path, "the audiofolder metadata")
+    if metadata_path.suffix == ".csv":
+        records = list(csv.DictReader(io.StringIO(content, newline="")))
+        columns = list(records[0]) if records else []
+    else:
+        records = []
+        for line_number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SpeechDataError(
+                    f"Line {line_number} of the audiofolder metadata {metadata_path} is not valid JSON ({err}); "
+                    'expected one object per line, e.g. {"file_name": "clip.wav", "text": "the transcript"}.'
+                ) from err
+            if not isinstance(record, dict):
+                raise SpeechDataError(
+                    f"Line {line_number} of the audiofolder metadata {metadata_path} is a {type(record).__name__}, "
+                    'not an object; expected e.g. {"file_name": "clip.wav", "text": "the transcript"}.'
+                )
+            records.append(record)
+        columns = sorted({key for record in records for key in record})
     if "file_name" not in columns:
         raise SpeechDataError(
             f"audiofolder metadata {metadata_path} needs a 'file_name' column; found columns {columns}."
         )
     _check_text_column(text_column, columns, require_text, f"audiofolder metadata {metadata_path}")
     for index, record in enumerate(records):
-        file_name = record["file_name"]
+        file_name = record.get("file_name")
         where = f"row {index} ({file_name}) of {metadata_path}"
+        if not isinstance(file_name, str) or not file_name:  # a short CSV row, or a null/number in JSON lines
+            yield _Row(str(index), where, None, None, record.get(text_column))  # refused (or skipped) as pathless
+            continue
         example_id = Path(file_name).with_suffix("").as_posix()
         yield _Row(example_id, where, str(metadata_path.parent / file_name), None, record.get(text_column))
 

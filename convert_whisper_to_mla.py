@@ -26,6 +26,8 @@ from transformers import (
 )
 
 from configuration_whisper_mla import WhisperMLAConfig
+from whisper_mla.arguments import check_number, run_cli
+from whisper_mla.io import atomic_output_dir, check_output_dir, checkpoint_config, from_pretrained_strict
 from modeling_whisper_mla import (
     WhisperMLAForConditionalGeneration,
     expected_cache_bytes_per_token,
@@ -89,10 +91,8 @@ class MLAArguments:
     )
 
     def __post_init__(self):
-        for name in ("calibration_samples", "calibration_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name} expects a positive integer, but found {value!r}; pass 1 or more.")
+        check_number("--calibration_samples", self.calibration_samples, minimum=1)
+        check_number("--calibration_batch_size", self.calibration_batch_size, minimum=1)
 
 
 @dataclass
@@ -467,16 +467,6 @@ def convert_whisper_to_mla(
 # --------------------------------------------------------------------------------------------- saving
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses to write into a non-empty folder unless asked to, so nothing the user had is overwritten silently."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(
-            f"Expected an empty or new --output_dir, but found files in {output_dir!r}; pick another folder or "
-            "pass --overwrite_output_dir to replace them."
-        )
-    os.makedirs(output_dir, exist_ok=True)
-
-
 def copy_remote_code(output_dir: str) -> None:
     """Copies the files a fresh process needs to load the checkpoint with trust_remote_code=True."""
     for filename in REMOTE_CODE_FILES:
@@ -570,22 +560,30 @@ def main():
     else:
         conversion_args, mla_args = parser.parse_args_into_dataclasses()
 
-    # 1. Refuse to clobber an existing folder before any expensive work.
-    prepare_output_dir(conversion_args.output_dir, conversion_args.overwrite_output_dir)
-    # 2. Load the MHA model and its processor.
-    model = WhisperForConditionalGeneration.from_pretrained(conversion_args.model_name_or_path)
-    processor = AutoProcessor.from_pretrained(conversion_args.model_name_or_path)
+    # 1. Check every input before any expensive work: the output folder (never clobbered), the source checkpoint.
+    check_output_dir(conversion_args.output_dir, conversion_args.overwrite_output_dir)
+    source = conversion_args.model_name_or_path
+    if checkpoint_config(source).get("model_type") == "whisper_mla":
+        raise ValueError(
+            f"--model_name_or_path expects a Whisper (MHA) checkpoint, but found a Whisper-MLA checkpoint at "
+            f"{source!r}; convert its MHA original, or fine-tune this one with run_finetune.py."
+        )
+    # 2. Load the MHA model (strictly: every weight present and shaped as its config says) and its processor.
+    model = from_pretrained_strict(WhisperForConditionalGeneration, source)
+    processor = AutoProcessor.from_pretrained(source)
     # 3. Calibration audio, if any.
     audios = None
     if mla_args.calibration_data is not None:
         audios = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
-    # 4. Convert, save, push.
+    # 4. Convert, save (into a temporary sibling swapped in at the end: a killed run leaves no half-written folder).
     mla_model = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
                                        feature_extractor=processor.feature_extractor)
-    save_mla_checkpoint(mla_model, processor, conversion_args.output_dir)
+    with atomic_output_dir(conversion_args.output_dir, conversion_args.overwrite_output_dir) as tmp_dir:
+        save_mla_checkpoint(mla_model, processor, tmp_dir)
     mla, mha = (expected_cache_bytes_per_utterance(mla_model.config, mla_model.dtype, 100, mha=m) for m in (0, 1))
     print(f"Saved Whisper-MLA checkpoint to {conversion_args.output_dir}: decoder cache of a 30 s utterance with 100 "
           f"tokens {mla / 2**20:.2f} MiB (MHA {mha / 2**20:.2f} MiB, -{100 * (1 - mla / mha):.1f}%).")
+    # 5. Push.
     if conversion_args.push_to_hub:
         from huggingface_hub import HfApi
 
@@ -597,4 +595,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

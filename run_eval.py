@@ -8,6 +8,10 @@
 line per utterance) and `OUTPUT_DIR/results.json`; with `--baseline_model` it evaluates a second checkpoint on the
 same data, writes `baseline_predictions.jsonl`, and prints a side-by-side Markdown table.
 
+Every input (numbers, output folder, both checkpoints, data) is checked before any decoding; checkpoints load strictly
+(a missing, extra or wrongly shaped weight is an error, not a random init); the output files appear together, in one
+folder swap at the end, so a failed or killed run leaves OUTPUT_DIR as it was.
+
 Other scripts reuse the evaluation on a model they already hold:
 
     from run_eval import evaluate_model
@@ -25,12 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, HfArgumentParser, PretrainedConfig
+from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, HfArgumentParser
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from audio_data import SAMPLING_RATE, load_speech_dataset
 from modeling_whisper_mla import expected_cache_bytes_per_token
 from wer_utils import corpus_wer, normalize_english
+from whisper_mla.arguments import check_number, run_cli
+from whisper_mla.io import atomic_output_dir, check_output_dir, checkpoint_config, from_pretrained_strict
 
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ WHISPER_MODEL_TYPES = ("whisper", "whisper_mla")
 ENGLISH = ("en", "english", "<|en|>")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RESULTS_FILE = "results.json"
+PREDICTIONS_FILE, BASELINE_PREDICTIONS_FILE = "predictions.jsonl", "baseline_predictions.jsonl"
+OUTPUT_FILES = (RESULTS_FILE, PREDICTIONS_FILE, BASELINE_PREDICTIONS_FILE)  # all --overwrite_output_dir may replace
 
 
 @dataclass
@@ -87,7 +96,9 @@ class DataArguments:
 @dataclass
 class EvalArguments:
     output_dir: str = field(metadata={"help": "Where predictions.jsonl and results.json are written."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing output_dir (holding only an earlier run's results)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Utterances per generate() call."})
     language: str | None = field(
         default=None, metadata={"help": "Spoken language for multilingual models, e.g. en or english."}
@@ -105,19 +116,31 @@ class EvalArguments:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses to replace earlier results unless asked to; runs before any model is loaded."""
-    results_path = os.path.join(output_dir, RESULTS_FILE)
-    if os.path.exists(results_path) and not overwrite:
-        raise ValueError(
-            f"Expected no earlier results in --output_dir, but found {results_path}; pick another --output_dir or "
-            "pass --overwrite_output_dir to replace them."
-        )
-    os.makedirs(output_dir, exist_ok=True)
+def validate_arguments(data_args: "DataArguments", eval_args: "EvalArguments") -> None:
+    """Numbers that would otherwise fail deep inside generate() or range(), or be ignored."""
+    check_number("--batch_size", eval_args.batch_size, minimum=1)
+    check_number("--num_beams", eval_args.num_beams, minimum=1, fix="pass 1 for greedy decoding or a wider beam")
+    check_number("--max_new_tokens", eval_args.max_new_tokens, minimum=1, optional=True)
+    check_number("--max_samples", data_args.max_samples, minimum=1, optional=True,
+                 fix="pass a positive count, or leave it out to evaluate everything")
 
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    if device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"--device expects auto, cpu, cuda or cuda:N, but found {device!r}; pick one of those."
+            ) from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} needs CUDA, but found no CUDA device on this machine; pass --device "
+                             "cpu or auto.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device} expects a GPU index below {torch.cuda.device_count()} (the GPUs "
+                             f"found), but found {device.index}; pass one of those.")
     if dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, DTYPES[dtype]
@@ -129,24 +152,20 @@ def load_model_and_processor(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     mla_cache_quantization: str | None = None,
+    check_only: bool = False,
 ):
     """Loads a Whisper or Whisper-MLA checkpoint (eval mode) and its processor; `mla_cache_quantization` overrides a
     Whisper-MLA checkpoint's cache precision.
 
     Remote code is trusted only for checkpoints whose config says model_type "whisper_mla" (the code this project
-    ships with every Whisper-MLA checkpoint); anything that is not Whisper is refused.
+    ships with every Whisper-MLA checkpoint); anything that is not Whisper is refused. Loading is strict
+    (`whisper_mla.io.from_pretrained_strict`): missing, unexpected or mis-shaped weights are an error. With
+    `check_only` the model is built on the meta device: every check, no weights read.
 
     Returns:
         (model, processor)
     """
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
-    except OSError as err:
-        raise ValueError(
-            f"Expected a checkpoint folder with config.json or a reachable Hub model id, but found {name_or_path!r} "
-            f"({err}); check the path or id."
-        ) from err
-    model_type = config_dict.get("model_type")
+    model_type = checkpoint_config(name_or_path).get("model_type")
     if model_type not in WHISPER_MODEL_TYPES:
         raise ValueError(
             f"Expected a Whisper or Whisper-MLA checkpoint (model_type in {list(WHISPER_MODEL_TYPES)}) at "
@@ -159,8 +178,10 @@ def load_model_and_processor(
         kwargs["mla_cache_quantization"] = mla_cache_quantization
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForSpeechSeq2Seq.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    model = model.to(device).eval()
+    model = from_pretrained_strict(AutoModelForSpeechSeq2Seq, name_or_path, check_only=check_only,
+                                   trust_remote_code=trust_remote_code, **kwargs)
+    if not check_only:
+        model = model.to(device).eval()
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -168,6 +189,12 @@ def load_model_and_processor(
             f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, "
             f"but loading it failed: {err}; save it there with processor.save_pretrained(...)."
         ) from err
+    if not (hasattr(processor, "feature_extractor") and hasattr(processor, "tokenizer")):
+        raise ValueError(
+            f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, "
+            f"but found only a {type(processor).__name__}; save the full processor there with "
+            "processor.save_pretrained(...)."
+        )
     return model, processor
 
 
@@ -179,12 +206,23 @@ def build_generate_kwargs(
 ) -> dict:
     """generate() keyword arguments. language/task go to Whisper's own arguments (never forced_decoder_ids).
 
-    English-only models take neither: English transcription is dropped as redundant, anything else is refused.
+    English-only models take neither: English transcription is dropped as redundant, anything else is refused. A
+    language the model does not know, or more new tokens than its decoder has positions for, is refused here rather
+    than inside generate().
     """
+    english_only = getattr(model.generation_config, "is_multilingual", None) is False
     kwargs = {"num_beams": num_beams}
     if max_new_tokens is not None:
+        prompt = 2 if english_only else 4  # <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>
+        limit = model.config.max_target_positions - prompt
+        if max_new_tokens > limit:
+            raise ValueError(
+                f"--max_new_tokens expects at most {limit} for {model.name_or_path or 'this model'} (its "
+                f"max_target_positions {model.config.max_target_positions} minus {prompt} prompt tokens), but found "
+                f"{max_new_tokens}; pass a smaller value or leave it out."
+            )
         kwargs["max_new_tokens"] = max_new_tokens
-    if getattr(model.generation_config, "is_multilingual", None) is False:
+    if english_only:
         wants_other = (language is not None and language.lower() not in ENGLISH) or task == "translate"
         if wants_other:
             raise ValueError(
@@ -193,10 +231,28 @@ def build_generate_kwargs(
             )
         return kwargs
     if language is not None:
+        known = getattr(model.generation_config, "lang_to_id", None) or {}
+        if known and language_token(language) not in known:
+            codes = sorted(token.strip("<|>") for token in known)
+            raise ValueError(
+                f"--language expects a language {model.name_or_path or 'the model'} knows (a code or an English name, "
+                f"e.g. en or english), but found {language!r}; pick one of {', '.join(codes[:20])}"
+                f"{', ...' if len(codes) > 20 else ''}."
+            )
         kwargs["language"] = language
     if task is not None:
         kwargs["task"] = task
     return kwargs
+
+
+def language_token(language: str) -> str | None:
+    """"de", "german" or "<|de|>" -> "<|de|>", as Whisper's generate() reads --language; None if unknown."""
+    language = language.lower()
+    if language.startswith("<|") and language.endswith("|>"):
+        return language
+    if language in TO_LANGUAGE_CODE:
+        return f"<|{TO_LANGUAGE_CODE[language]}|>"
+    return f"<|{language}|>" if language in TO_LANGUAGE_CODE.values() else None
 
 
 def _count_generated_tokens(sequences: torch.Tensor, special_ids: set[int]) -> int:
@@ -368,13 +424,19 @@ def write_predictions(path: str, predictions: list[dict]) -> None:
             f.write(json.dumps(prediction, ensure_ascii=False) + "\n")
 
 
-def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments, eval_args: EvalArguments,
-                   predictions_path: str) -> dict:
-    """Loads, evaluates and frees one checkpoint; writes its predictions. Returns its results without them."""
+def check_checkpoint(name_or_path: str, model_args: ModelArguments, eval_args: EvalArguments) -> None:
+    """Everything about one checkpoint that can fail, checked before any work: its config, weights (keys, shapes, the
+    safetensors header; on the meta device, so nothing is read or allocated), processor, and that it supports the
+    requested cache quantisation, language and task."""
     device, dtype = resolve_device_and_dtype(model_args.device, model_args.dtype)
-    model, processor = load_model_and_processor(
-        name_or_path, device, dtype, model_args.attn_implementation, model_args.mla_cache_quantization
-    )
+    model, _ = load_model_and_processor(name_or_path, device, dtype, model_args.attn_implementation,
+                                        model_args.mla_cache_quantization, check_only=True)
+    check_cache_quantization(model, name_or_path, model_args)
+    build_generate_kwargs(model, eval_args.language, eval_args.task, eval_args.num_beams, eval_args.max_new_tokens)
+
+
+def check_cache_quantization(model, name_or_path: str, model_args: ModelArguments) -> None:
+    """--mla_cache_quantization needs a Whisper-MLA model whose shipped code supports it (an MHA baseline is exempt)."""
     if model_args.mla_cache_quantization is not None:
         if name_or_path == model_args.model_name_or_path and model.config.model_type != "whisper_mla":
             raise ValueError(
@@ -388,14 +450,23 @@ def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments, eval_
                 f"modeling_whisper_mla.py in {name_or_path!r} predates the int8 cache; copy this project's "
                 "modeling_whisper_mla.py and configuration_whisper_mla.py into it."
             )
+
+
+def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments,
+                   eval_args: EvalArguments) -> tuple[dict, list[dict]]:
+    """Loads, evaluates and frees one checkpoint. Returns (its results, its predictions)."""
+    device, dtype = resolve_device_and_dtype(model_args.device, model_args.dtype)
+    model, processor = load_model_and_processor(
+        name_or_path, device, dtype, model_args.attn_implementation, model_args.mla_cache_quantization
+    )
     generate_kwargs = build_generate_kwargs(
         model, eval_args.language, eval_args.task, eval_args.num_beams, eval_args.max_new_tokens
     )
     results = evaluate_model(model, processor, dataset, eval_args.batch_size, generate_kwargs,
                              normalizer=get_normalizer(eval_args.language), desc=os.path.basename(name_or_path))
-    write_predictions(predictions_path, results.pop("predictions"))
+    predictions = results.pop("predictions")
     results.update(model=name_or_path, generate_kwargs=generate_kwargs, device=str(device))
-    return results
+    return results, predictions
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -407,30 +478,43 @@ def main(args: list[str] | None = None) -> dict:
     else:
         model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
 
-    # 1. Refuse to replace earlier results before any expensive work.
-    check_output_dir(eval_args.output_dir, eval_args.overwrite_output_dir)
+    # 1. Check every input before any expensive work: numbers, the output folder, both checkpoints.
+    validate_arguments(data_args, eval_args)
+    check_output_dir(eval_args.output_dir, eval_args.overwrite_output_dir, allowed=OUTPUT_FILES)
+    checkpoints = [model_args.model_name_or_path]
+    if model_args.baseline_model is not None:
+        checkpoints.append(model_args.baseline_model)
+    for name_or_path in checkpoints:
+        check_checkpoint(name_or_path, model_args, eval_args)
     # 2. Load and decode the data once; both checkpoints see the same utterances.
     dataset = load_speech_dataset(
         data_args.data, split=data_args.split, audio_column=data_args.audio_column,
         text_column=data_args.text_column, max_samples=data_args.max_samples, skip_bad=data_args.skip_bad_samples,
     )
+    normalizer = get_normalizer(eval_args.language)
+    if not any(normalizer(text).split() for text in dataset.texts):
+        raise ValueError(f"Expected reference words to score against, but the {len(dataset)} transcripts of "
+                         f"{data_args.data} are empty after normalisation; check the transcripts (and --language).")
     data_info = {"data": data_args.data, "split": data_args.split, "skipped": dataset.skipped,
                  "batch_size": eval_args.batch_size}
     # 3. Evaluate the model, then the baseline (one model in memory at a time).
-    results = run_checkpoint(model_args.model_name_or_path, dataset, model_args, eval_args,
-                             os.path.join(eval_args.output_dir, "predictions.jsonl"))
+    results, predictions = run_checkpoint(model_args.model_name_or_path, dataset, model_args, eval_args)
     results.update(data_info)
+    baseline_predictions = None
     if model_args.baseline_model is not None:
-        baseline = run_checkpoint(model_args.baseline_model, dataset, model_args, eval_args,
-                                  os.path.join(eval_args.output_dir, "baseline_predictions.jsonl"))
+        baseline, baseline_predictions = run_checkpoint(model_args.baseline_model, dataset, model_args, eval_args)
         results["baseline"] = baseline
         results["cache_reduction_percent"] = 100 * (
             1 - results["cache_bytes_per_token"] / baseline["cache_bytes_per_token"]
         )
         results["comparison_table"] = comparison_table(results, baseline)
-    # 4. Report.
-    with open(os.path.join(eval_args.output_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
+    # 4. Report: results and predictions appear together (one folder swap) or not at all.
+    with atomic_output_dir(eval_args.output_dir, eval_args.overwrite_output_dir, allowed=OUTPUT_FILES) as tmp:
+        write_predictions(os.path.join(tmp, PREDICTIONS_FILE), predictions)
+        if baseline_predictions is not None:
+            write_predictions(os.path.join(tmp, BASELINE_PREDICTIONS_FILE), baseline_predictions)
+        with open(os.path.join(tmp, RESULTS_FILE), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
     print(f"{results['model']}: WER {results['wer']:.2f}, orthographic WER {results['wer_ortho']:.2f} on "
           f"{results['num_samples']} utterances ({results['num_skipped']} skipped); decoder cache "
           f"{results['cache_bytes_per_token']} bytes/token.")
@@ -440,4 +524,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

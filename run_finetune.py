@@ -23,6 +23,12 @@ Every `checkpoint-N` and the final `output_dir` are Whisper-MLA checkpoints that
 `AutoModelForSpeechSeq2Seq.from_pretrained(path, trust_remote_code=True)`; `--resume_from_checkpoint latest`
 (or a checkpoint path) continues an interrupted run to the same weights as an uninterrupted one.
 
+Nothing is left half-done: every input (numbers, checkpoints, output folder) is checked before any work; checkpoints
+load strictly; `--overwrite_output_dir` deletes the old folder as a whole when training starts (never merging into
+it); the final model appears at the top of `output_dir` only once it is complete (its config.json is written last).
+With `--lazy_audio_loading --skip_bad_samples` a clip whose audio turns out damaged mid-training is logged, counted
+(`train_skipped_bad_during_training`) and replaced by the next readable clip.
+
 Scale-out is the Trainer's own:
     torchrun --nproc_per_node 2 run_finetune.py configs/tiny-en-cpu.yaml --ddp_backend gloo     # CPU processes
     accelerate launch --num_processes 8 run_finetune.py configs/whisper-small-librispeech-2norm.yaml  # GPUs
@@ -30,10 +36,10 @@ Scale-out is the Trainer's own:
 """
 
 import copy
+import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -45,7 +51,6 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import (
     HfArgumentParser,
-    PretrainedConfig,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
@@ -56,7 +61,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperAttention, shift_tokens_right
 
-from audio_data import SAMPLING_RATE, as_waveform, load_speech_dataset
+from audio_data import SAMPLING_RATE, SpeechDataError, as_waveform, drop_undecodable, load_speech_dataset
 from convert_whisper_to_mla import (
     MLAArguments,
     convert_whisper_to_mla,
@@ -66,8 +71,18 @@ from convert_whisper_to_mla import (
     register_remote_code,
     save_mla_checkpoint,
 )
+from configuration_whisper_mla import WhisperMLAConfig
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
-from run_eval import compute_wer, get_normalizer
+from run_eval import build_generate_kwargs, compute_wer, get_normalizer
+from whisper_mla.arguments import check_number, run_cli
+from whisper_mla.io import (
+    CheckpointError,
+    atomic_checkpoint_files,
+    check_output_dir,
+    checkpoint_config,
+    from_pretrained_strict,
+    remove_dir,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -76,6 +91,10 @@ TRAINABLE = ("all", "attention", "mla", "lora")
 MLA_PROJECTIONS = ("q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "out_proj")
 LORA_ADAPTER_DIR = "lora_adapter"  # inside checkpoint-N: what a LoRA run resumes from
 RESUME_LATEST = ("latest", "last", "true")
+# What a resumed checkpoint's weights must agree on with the model this run builds before the Trainer copies them in.
+RESUME_MUST_MATCH = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                     "decoder_attention_heads", "vocab_size", "mla_targets", "kv_lora_rank", "kept_key_dims",
+                     "svd_method", "kept_key_indices", "cross_attention_latent", "cross_kv_lora_rank")
 
 
 @dataclass
@@ -102,7 +121,8 @@ class ModelArguments:
                   "teacher together."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh in a non-empty output_dir (its checkpoint-* are deleted)."}
+        default=False,
+        metadata={"help": "Start afresh in a non-empty output_dir: it is deleted as a whole when training starts."},
     )
     max_train_minutes: float | None = field(
         default=None,
@@ -221,20 +241,68 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def validate_arguments(model_args, data_args, distill_args, training_args) -> None:
+    """Numbers that would otherwise fail deep inside the Trainer, torch or range(), or be silently ignored. (MLA
+    settings are checked by the config when the model is converted; the Trainer checks a few of its own.)"""
+    check_number("--lora_r", model_args.lora_r, minimum=1)
+    check_number("--lora_alpha", model_args.lora_alpha, above=0)
+    check_number("--lora_dropout", model_args.lora_dropout, minimum=0, below=1)
+    check_number("--max_train_minutes", model_args.max_train_minutes, above=0, optional=True)
+    check_number("--max_train_samples", data_args.max_train_samples, minimum=1, optional=True)
+    check_number("--max_eval_samples", data_args.max_eval_samples, minimum=1, optional=True)
+    check_number("--max_duration_in_seconds", data_args.max_duration_in_seconds, above=0)
+    check_number("--max_label_length", data_args.max_label_length, minimum=2, optional=True,
+                 fix="pass room for the prompt tokens and the text, or leave it out for the model's maximum")
+    check_number("--pseudo_label_batch_size", distill_args.pseudo_label_batch_size, minimum=1)
+    args = training_args
+    check_number("--per_device_train_batch_size", args.per_device_train_batch_size, minimum=1)
+    check_number("--per_device_eval_batch_size", args.per_device_eval_batch_size, minimum=1)
+    check_number("--gradient_accumulation_steps", args.gradient_accumulation_steps, minimum=1)
+    check_number("--learning_rate", args.learning_rate, above=0)
+    check_number("--weight_decay", args.weight_decay, minimum=0)
+    check_number("--max_grad_norm", args.max_grad_norm, minimum=0)
+    check_number("--dataloader_num_workers", args.dataloader_num_workers, minimum=0)
+    if args.max_steps != -1:
+        check_number("--max_steps", args.max_steps, minimum=1, fix="pass a positive step count, or -1 to train "
+                     "--num_train_epochs epochs")
+    else:
+        check_number("--num_train_epochs", args.num_train_epochs, above=0)
+    if getattr(args.save_strategy, "value", args.save_strategy) == "steps":
+        check_number("--save_steps", args.save_steps, above=0)
+    if getattr(args.eval_strategy, "value", args.eval_strategy) == "steps":
+        check_number("--eval_steps", args.eval_steps, above=0, optional=True)
+    check_number("--save_total_limit", args.save_total_limit, minimum=1, optional=True)
+    check_number("--generation_max_length", args.generation_max_length, minimum=1, optional=True)
+    check_number("--generation_num_beams", args.generation_num_beams, minimum=1, optional=True)
+
+
 # --------------------------------------------------------------------------------------------- models
 
 
-def load_whisper(name_or_path: str):
-    """Loads a Whisper (MHA) or Whisper-MLA checkpoint with this project's classes; returns (model, is_mla)."""
-    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+def load_whisper(name_or_path: str, check_only: bool = False):
+    """Loads a Whisper (MHA) or Whisper-MLA checkpoint with this project's classes, strictly (missing, unexpected
+    or mis-shaped weights are an error); returns (model, is_mla). With `check_only` the model is built on the meta
+    device: every check, no weights read."""
+    model_type = checkpoint_config(name_or_path).get("model_type")
     if model_type == "whisper":
-        return WhisperForConditionalGeneration.from_pretrained(name_or_path), False
+        return from_pretrained_strict(WhisperForConditionalGeneration, name_or_path, check_only=check_only), False
     if model_type == "whisper_mla":
-        return WhisperMLAForConditionalGeneration.from_pretrained(name_or_path), True
+        return from_pretrained_strict(WhisperMLAForConditionalGeneration, name_or_path, check_only=check_only), True
     raise ValueError(
         f"Expected a Whisper or Whisper-MLA checkpoint (model_type 'whisper' or 'whisper_mla') at {name_or_path!r}, "
         f"but found model_type {model_type!r}; pass a Whisper checkpoint."
     )
+
+
+def load_processor(name_or_path: str) -> WhisperProcessor:
+    # WhisperProcessor, not AutoProcessor: the latter resolves the config's auto_map and asks to trust remote code.
+    try:
+        return WhisperProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, but "
+            f"loading it failed: {err}; save it there with processor.save_pretrained(...)."
+        ) from err
 
 
 def check_mla_flags_match(config, mla_args: MLAArguments) -> None:
@@ -280,12 +348,44 @@ def load_student_and_teacher(model_args, distill_args, mla_args, processor):
             "checkpoint, so there is no MHA model to default to; pass --teacher_model_name_or_path"
             + (f" {base} (the model it was converted from)." if base else " with the MHA model it came from.")
         )
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
-            f"The teacher's vocabulary ({teacher.config.vocab_size} tokens) must match the student's "
-            f"({student.config.vocab_size}); pass a teacher with the same tokenizer."
-        )
+    check_teacher_vocabulary(teacher.config, student.config)
     return student, teacher.eval().requires_grad_(False)
+
+
+def check_teacher_vocabulary(teacher_config, student_config) -> None:
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher_config.vocab_size} tokens) must match the student's "
+            f"({student_config.vocab_size}); pass a teacher with the same tokenizer."
+        )
+
+
+def check_models(model_args, data_args, distill_args, training_args) -> None:
+    """The student's and teacher's checkpoints, strictly but on the meta device (no weights read), and the settings
+    that depend on them, before the conversion or any other expensive work.
+
+    An English-only model's prompt has no language or task token: --language en is dropped here (set to None), as
+    the tokenizer would otherwise put <|en|><|transcribe|> into every label, a prompt the model never sees when it
+    transcribes; another language or translation is refused.
+    """
+    student, _ = load_whisper(model_args.model_name_or_path, check_only=True)
+    max_positions = student.config.max_target_positions
+    for flag, value in (("--max_label_length", data_args.max_label_length),
+                        ("--generation_max_length", training_args.generation_max_length)):
+        if value is not None and value > max_positions:
+            raise ValueError(
+                f"{flag} expects at most the model's max_target_positions ({max_positions}), but found {value}; pass "
+                "a smaller value or leave it out."
+            )
+    if student.generation_config.is_multilingual is False:
+        build_generate_kwargs(student, data_args.language, data_args.task)  # refuses anything but English
+        if data_args.language is not None:
+            logger.info("%s is English-only: --language %s is dropped (its prompt has no language token).",
+                        model_args.model_name_or_path, data_args.language)
+            data_args.language = None
+    if distill_args.teacher_model_name_or_path is not None:
+        teacher, _ = load_whisper(distill_args.teacher_model_name_or_path, check_only=True)
+        check_teacher_vocabulary(teacher.config, student.config)
 
 
 def set_trainable(model, model_args: ModelArguments):
@@ -417,24 +517,52 @@ def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, ba
 
 
 class SpeechSeq2SeqDataset(torch.utils.data.Dataset):
-    """Items `{"input_features" | "encoder_hidden_states", "labels"}`; features are computed when an item is read."""
+    """Items `{"input_features" | "encoder_hidden_states", "labels"}`; features are computed when an item is read.
 
-    def __init__(self, audios, labels, feature_extractor, encoder_states=None):
+    Lazily loaded clips are decoded here, mid-training, where one with a valid header but a damaged body fails. That
+    stops training with an error naming the clip and --skip_bad_samples; with `skip_bad` the clip is logged once,
+    flagged, and the next readable clip (with its labels) is returned in its place, so batches keep their size and a
+    resumed run sees the same batches. The flags live in shared memory, so DataLoader worker processes report theirs.
+    """
+
+    def __init__(self, audios, labels, feature_extractor, encoder_states=None, skip_bad=False):
         self.audios, self.labels, self.feature_extractor = audios, labels, feature_extractor
         self.encoder_states = encoder_states
+        self.bad = torch.zeros(len(labels), dtype=torch.bool).share_memory_() if skip_bad else None
 
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def num_bad(self) -> int:
+        """Clips this process (and its DataLoader workers) found undecodable and skipped."""
+        return 0 if self.bad is None else int(self.bad.sum())
+
     def __getitem__(self, index):
-        item = {"labels": self.labels[index]}
         if self.encoder_states is not None:
-            item["encoder_hidden_states"] = self.encoder_states[index]
-        else:
-            audio = as_waveform(self.audios[index])  # decoded here when the data was loaded lazily
-            features = self.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")
-            item["input_features"] = features.input_features[0]  # (n_mels, 3000)
-        return item
+            return {"labels": self.labels[index], "encoder_hidden_states": self.encoder_states[index]}
+        index, audio = self._read(index)
+        features = self.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")
+        return {"labels": self.labels[index], "input_features": features.input_features[0]}  # (n_mels, 3000)
+
+    def _read(self, index: int) -> tuple[int, np.ndarray]:
+        """(index, waveform) of the clip at `index`, or with skip_bad of the next clip that decodes."""
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            if self.bad is not None and self.bad[i]:
+                continue
+            try:
+                return i, as_waveform(self.audios[i])  # decoded here when the data was loaded lazily
+            except SpeechDataError as err:
+                if self.bad is None:
+                    raise SpeechDataError(
+                        f"{err} (With --lazy_audio_loading a clip is decoded only when a training step reads it; pass "
+                        "--skip_bad_samples to log, count and skip such clips instead of stopping.)"
+                    ) from err
+                self.bad[i] = True
+                logger.warning("Skipping a training clip that does not decode (the next readable clip takes its "
+                               "place): %s", err)
+        raise SpeechDataError(f"None of the {len(self)} training clips decodes; check the training data.")
 
 
 @dataclass
@@ -537,7 +665,8 @@ class WhisperMLACheckpointCallback(TrainerCallback):
                 if os.path.exists(os.path.join(folder, name)):
                     os.replace(os.path.join(folder, name), os.path.join(adapter_dir, name))
             merged = merge_lora(copy.deepcopy(model))
-            save_mla_checkpoint(merged, self.processor, folder, card_text=model_card(merged))
+            with atomic_checkpoint_files(folder) as tmp:  # killed mid-save, the folder's top level does not load
+                save_mla_checkpoint(merged, self.processor, tmp, card_text=model_card(merged))
         else:
             copy_remote_code(folder)
 
@@ -584,14 +713,25 @@ def fits_in_memory(num_clips: int, config, fraction: float = 0.5) -> bool:
     return needed < fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def count_bad_clips(dataset: SpeechSeq2SeqDataset, device) -> int:
+    """Clips skipped mid-training as undecodable, over all processes (each reads its own share of the data)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dataset.num_bad
+    flags = dataset.bad if dataset.bad is not None else torch.zeros(len(dataset), dtype=torch.bool)
+    flags = flags.to(device, torch.int32)  # NCCL reduces only GPU tensors
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return int(flags.sum())
+
+
 def is_complete_checkpoint(folder: str) -> bool:
     # trainer_state.json is the last file the Trainer writes into a checkpoint folder.
     return os.path.isfile(os.path.join(folder, "trainer_state.json"))
 
 
-def resolve_output_dir(training_args, overwrite: bool) -> str | None:
-    """Checks output_dir against --resume_from_checkpoint before any expensive work; returns the checkpoint to
-    resume from (a complete checkpoint-N folder) or None."""
+def resolve_output_dir(training_args, overwrite: bool, lora: bool = False) -> str | None:
+    """Checks output_dir against --resume_from_checkpoint before any expensive work (deleting nothing yet: see
+    `clear_output_dir`); returns the checkpoint to resume from (a complete checkpoint-N folder) or None. `lora`: the
+    run resumes from the checkpoint's LoRA adapter (see `check_resume_checkpoint`)."""
     output_dir, resume = training_args.output_dir, training_args.resume_from_checkpoint
     checkpoints = []
     if os.path.isdir(output_dir):
@@ -605,23 +745,67 @@ def resolve_output_dir(training_args, overwrite: bool) -> str | None:
                 f"--resume_from_checkpoint {resume} expects a complete checkpoint-N folder in {output_dir!r}, but "
                 f"found {checkpoints or 'none'}; drop --resume_from_checkpoint to start afresh."
             )
-        return os.path.join(output_dir, complete[-1])
+        return check_resume_checkpoint(os.path.join(output_dir, complete[-1]), lora)
     if resume is not None:
         if not is_complete_checkpoint(resume):
             raise ValueError(
                 f"--resume_from_checkpoint expects a checkpoint-N folder holding trainer_state.json, but found "
                 f"{resume!r} without it (missing or interrupted while saving); pass an earlier checkpoint or 'latest'."
             )
-        return resume
+        return check_resume_checkpoint(resume, lora)
     if checkpoints and not overwrite:
         raise ValueError(
             f"Expected a new or empty --output_dir, but found {checkpoints} in {output_dir!r}; pass "
             "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to start afresh, or pick "
             "another --output_dir."
         )
-    for d in checkpoints:  # overwrite: an old run's checkpoints must not be mistaken for this run's
-        shutil.rmtree(os.path.join(output_dir, d))
+    check_output_dir(output_dir, overwrite)  # anything else there (an earlier final model) is refused alike
     return None
+
+
+def check_resume_checkpoint(checkpoint: str, lora: bool = False) -> str:
+    """The Trainer restores a checkpoint's weights leniently (a missing tensor is only a warning): check it strictly
+    first, on the meta device.
+
+    A LoRA run resumes from the checkpoint's adapter (checked strictly by `restore_lora_adapter`); the merged model at
+    the checkpoint's top is written after the Trainer marks the checkpoint complete, so a run killed in between left
+    none (no config.json): that is only logged."""
+    try:
+        if lora and not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            logger.warning("%s holds no merged model (the run was killed while saving it); resuming from its LoRA "
+                           "adapter.", checkpoint)
+            return checkpoint
+        load_whisper(checkpoint, check_only=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} To resume, pass an earlier checkpoint-N as --resume_from_checkpoint.") from err
+    return checkpoint
+
+
+def check_resume_matches(config, checkpoint: str) -> None:
+    """The Trainer copies a checkpoint's weights into the model this run built (converted afresh, or loaded), leniently:
+    a block converted in one but not the other would keep random or unconverted weights. Both must agree on the
+    architecture and the MLA layout, kept key dims included (with 2-norm selection they depend on the calibration)."""
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):  # a LoRA checkpoint without its merged model
+        return
+    saved = WhisperMLAConfig.from_pretrained(checkpoint)
+    differ = []
+    for name in RESUME_MUST_MATCH:
+        there, here = getattr(saved, name, None), getattr(config, name, None)
+        if json.dumps(there, sort_keys=True) != json.dumps(here, sort_keys=True):
+            differ.append(f"{name} differs" if name == "kept_key_indices" else f"{name}={there!r} there, {here!r} here")
+    if differ:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds a model unlike the one this run built ({'; '.join(differ)});"
+            " resume with the model, MLA flags and calibration data of that run, or start afresh."
+        )
+
+
+def clear_output_dir(output_dir: str) -> None:
+    """--overwrite_output_dir, just before training: the old run goes as a whole (an earlier final model must not be
+    taken for this run's), renamed aside first so a kill mid-deletion leaves nothing of it at output_dir."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        logger.info("--overwrite_output_dir: deleting the earlier content of %s.", output_dir)
+        remove_dir(output_dir)
 
 
 class _DropMergedCheckpointKeyWarnings(logging.Filter):
@@ -634,6 +818,7 @@ class _DropMergedCheckpointKeyWarnings(logging.Filter):
 
 def restore_lora_adapter(model, checkpoint: str) -> None:
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(checkpoint, LORA_ADAPTER_DIR, "adapter_model.safetensors")
@@ -642,7 +827,24 @@ def restore_lora_adapter(model, checkpoint: str) -> None:
             f"Resuming a --trainable lora run expects the adapter at {path}, but found no such file; resume from a "
             "checkpoint of a LoRA run (or with the --trainable it was started with)."
         )
-    set_peft_model_state_dict(model, load_file(path))
+    try:
+        adapter = load_file(path)
+    except SafetensorError as err:
+        raise CheckpointError(f"The LoRA adapter {path} is damaged or truncated ({err}); resume from an earlier "
+                              "checkpoint.") from err
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as err:  # torch's "size mismatch for ..."
+        raise CheckpointError(f"The LoRA adapter {path} does not fit this run's model ({str(err).splitlines()[-1]}); "
+                              "resume with the flags of the run that saved it.") from err
+    # load_state_dict(strict=False) of the whole model: every base weight is "missing", only adapter keys matter.
+    problems = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
+    if problems:
+        raise CheckpointError(
+            f"The LoRA adapter {path} does not fit this run's model: {len(problems)} adapter weights have no place or "
+            f"no value ({', '.join(problems[:3])}); resume with the --trainable, --lora_r and MLA flags of the run "
+            "that saved it."
+        )
     logging.getLogger("transformers.trainer").addFilter(_DropMergedCheckpointKeyWarnings())
 
 
@@ -656,7 +858,9 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
                       "no transcripts used" if distill_args.distill else "cross-entropy on transcripts"),
         ("training data", ", ".join(data_args.train_data)),
         ("training clips", f"{data_report['train_samples']} ({data_report['train_skipped_bad']} bad rows skipped, "
-                           f"{data_report['train_dropped_long']} too long dropped)"),
+                           f"{data_report['train_dropped_long']} too long dropped"
+                           + (f", {metrics['train_skipped_bad_during_training']} undecodable skipped during training"
+                              if metrics.get("train_skipped_bad_during_training") else "") + ")"),
         ("steps", f"{metrics.get('global_step')} (batch {training_args.per_device_train_batch_size} x "
                   f"{training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes)"),
         ("optimizer", f"{getattr(training_args.optim, 'value', training_args.optim)}, lr {training_args.learning_rate}, betas ({training_args.adam_beta1}, "
@@ -685,6 +889,12 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
     for message in skipped:
         logger.warning("Skipped: %s", message)
     examples, dropped_long = drop_long_clips(examples, data_args.max_duration_in_seconds)
+    precompute = share_encoder and model_args.precompute_encoder_outputs
+    if precompute or teacher is not None:
+        # Every clip is decoded up front for the encoder outputs or the teacher's transcripts anyway (an extra
+        # decode is cheap next to that): find lazily loaded clips that do not decode before any of it.
+        examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
+        skipped += undecodable
     labels, dropped_labels = None, 0
     if not distill_args.distill:
         examples, labels, dropped_labels = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
@@ -694,7 +904,6 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
                          f"{dropped_long} longer than {data_args.max_duration_in_seconds} s, {dropped_labels} with "
                          "transcripts over max_label_length); check the data and those limits.")
     audios = [e["audio"] for e in examples]
-    precompute = share_encoder and model_args.precompute_encoder_outputs
     if precompute and not fits_in_memory(len(audios), student.config):
         logger.warning("Encoder outputs of %d clips would not fit in memory; the encoder runs every step instead.",
                        len(audios))
@@ -715,7 +924,8 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
             labels = pseudo_labels
             for ids in pseudo_labels[:3]:
                 logger.info("Pseudo-label: %r", processor.tokenizer.decode(ids, skip_special_tokens=True))
-    dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states)
+    dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
+                                   skip_bad=data_args.skip_bad_samples)
     report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
               "train_dropped_long_labels": dropped_labels}
     logger.info("Training clips: %s", report)
@@ -726,6 +936,9 @@ def build_eval_dataset(data_args, processor, max_label_length):
     """Evaluation clips with tokenised transcripts; returns (dataset, report)."""
     examples, skipped = load_clips([data_args.eval_data], data_args.eval_split, data_args,
                                    data_args.max_eval_samples, require_text=True)
+    # Evaluating on a substitute for a damaged clip would change the eval set: damaged clips go before training.
+    examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
+    skipped += undecodable
     examples, _ = drop_long_clips(examples, data_args.max_duration_in_seconds)
     examples, labels, _ = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
                                                data_args.do_lower_case)
@@ -737,7 +950,9 @@ def save_and_push(trainer, model, processor, card: str) -> None:
     """The final Whisper-MLA checkpoint with our model card in output_dir; with --push_to_hub, the Trainer's push."""
     args = trainer.args
     if trainer.is_world_process_zero():
-        save_mla_checkpoint(model, processor, args.output_dir, card_text=card)
+        # The checkpoint-N folders stay where they are; the model at the top appears complete or not at all.
+        with atomic_checkpoint_files(args.output_dir) as tmp:
+            save_mla_checkpoint(model, processor, tmp, card_text=card)
         logger.info("Saved the Whisper-MLA checkpoint to %s", args.output_dir)
     if not args.push_to_hub:
         return
@@ -763,14 +978,19 @@ def main(argv: list[str] | None = None) -> dict:
     # The datasets yield exactly the model inputs; encoder_hidden_states is no forward() argument: keep it.
     training_args.remove_unused_columns = False
 
-    # 1. Output folder and resume point, before any expensive work.
-    resume_checkpoint = resolve_output_dir(training_args, model_args.overwrite_output_dir)
+    # 1. Every input before any expensive work: numbers, output folder and resume point, the checkpoints (strictly,
+    # on the meta device).
+    validate_arguments(model_args, data_args, distill_args, training_args)
+    resume_checkpoint = resolve_output_dir(training_args, model_args.overwrite_output_dir,
+                                           lora=model_args.trainable == "lora")
+    check_models(model_args, data_args, distill_args, training_args)
     set_seed(training_args.seed)  # conversion and LoRA initialisation are then reproducible
 
     # 2. Processor, student (converted from MHA here, or loaded), teacher.
-    # WhisperProcessor, not AutoProcessor: the latter resolves the config's auto_map and asks to trust remote code.
-    processor = WhisperProcessor.from_pretrained(model_args.model_name_or_path)
+    processor = load_processor(model_args.model_name_or_path)
     student, teacher = load_student_and_teacher(model_args, distill_args, mla_args, processor)
+    if resume_checkpoint is not None:
+        check_resume_matches(student.config, resume_checkpoint)
     student.to(training_args.device)
     if teacher is not None:
         teacher.to(training_args.device)
@@ -797,8 +1017,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset, eval_report = build_eval_dataset(data_args, processor, max_label_length)
         data_report.update(eval_report)
 
-    # 5. Trainer.
+    # 5. Trainer. Only now, with every input read, does --overwrite_output_dir delete the old run.
     if training_args.should_save:
+        if resume_checkpoint is None and model_args.overwrite_output_dir:
+            clear_output_dir(training_args.output_dir)
         os.makedirs(training_args.output_dir, exist_ok=True)
         copy_remote_code(training_args.output_dir)  # so that pushes of intermediate checkpoints carry it too
     trainer = DistillationTrainer(
@@ -820,7 +1042,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Train, then evaluate the merged model.
     train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-    metrics = {**train_result.metrics, **data_report, "global_step": trainer.state.global_step}
+    metrics = {**train_result.metrics, **data_report, "global_step": trainer.state.global_step,
+               "train_skipped_bad_during_training": count_bad_clips(train_dataset, training_args.device)}
     before = [log["eval_wer"] for log in trainer.state.log_history if "eval_wer" in log and log["step"] == 0]
     if before:
         metrics["eval_wer_before"] = before[0]
@@ -838,4 +1061,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

