@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-DEBIAN_PACKAGES="asterisk-core-sounds-en asterisk-core-sounds-en-g722 flite espeak-ng sox pocketsphinx-testdata alsa-utils"
+DEBIAN_PACKAGES="asterisk-core-sounds-en asterisk-core-sounds-en-g722 flite espeak-ng sox pocketsphinx-testdata alsa-utils chromium"
 if ! dpkg -s $DEBIAN_PACKAGES >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends $DEBIAN_PACKAGES >/dev/null
