@@ -62,6 +62,9 @@ TIME_PRECISION = 0.02
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # 1.0 s, the default of OpenAI Whisper and faster-whisper
 MULTILINGUAL_VOCAB_SIZE = 51865  # OpenAI: a model is multilingual iff n_vocab >= 51865
 IMPORT_INFO_FILE = "ct2_import.json"  # provenance; also marks a finished import in the cache
+# Stamped into IMPORT_INFO_FILE; bump it whenever an import's output changes, so that `ensure_packaged_model`
+# re-imports caches written by an older importer. 2: multilingual models default to `task="transcribe"`.
+IMPORTER_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,7 +518,8 @@ def build_generation_config(
 
     Uses `suppress_ids`, `suppress_ids_begin`, `alignment_heads` and (multilingual models) `lang_ids`. The
     prompt is built by `generate(language=..., task=...)` from `lang_to_id`/`task_to_id`; the deprecated
-    `forced_decoder_ids` is left unset.
+    `forced_decoder_ids` is left unset. Multilingual models get `task="transcribe"` and no `language`, so that a
+    call without either detects the language of each utterance and transcribes it, as OpenAI Whisper does.
     """
     known = {"suppress_ids", "suppress_ids_begin", "lang_ids", "alignment_heads"}
     for key in sorted(set(ct2_config) - known):
@@ -560,6 +564,12 @@ def build_generation_config(
             )
         generation_config.lang_to_id = dict(zip(lang_tokens, lang_ids))
         generation_config.task_to_id = {task: token_id(f"<|{task}|>") for task in ("transcribe", "translate")}
+        # The Hub's multilingual checkpoints get their default task from the deprecated
+        # `forced_decoder_ids = [[1, None], [2, <|transcribe|>]]` (position 1: detected language). Without a task,
+        # `generate()` detects the language but prompts `<|startoftranscript|><|lang|><|notimestamps|>`, a prompt
+        # Whisper never saw in training, and the decoder loops. `task` is the non-deprecated form of the same
+        # default; `generate(task=...)` still overrides it.
+        generation_config.task = "transcribe"
     return generation_config
 
 
@@ -688,6 +698,7 @@ def import_ctranslate2(
         "stored_dtypes": stored_dtypes,
         "num_variables": len(ct2.variables),
         "aliases": ct2.aliases,
+        "importer_version": IMPORTER_VERSION,
     }
     (output_dir / IMPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     logger.info("Imported %s (%s) into %s", ct2_dir, ", ".join(stored_dtypes), output_dir)
@@ -752,12 +763,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("WHISPER_MLA_CACHE") or Path.home() / ".cache" / "whisper_mla")
 
 
+def cached_import_version(folder: str | os.PathLike) -> int | None:
+    """The `IMPORTER_VERSION` that wrote a finished import, or None when `folder` holds no finished import.
+
+    Imports made before the version was stamped count as version 1.
+    """
+    info_path = Path(folder) / IMPORT_INFO_FILE
+    if not info_path.is_file():
+        return None
+    try:
+        return int(json.loads(info_path.read_text()).get("importer_version", 1))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0  # unreadable provenance: stale
+
+
 def ensure_packaged_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Returns a transformers checkpoint folder for a packaged model, importing it on first use.
 
     The import is written to a temporary folder and renamed into place, so a folder that exists is complete;
-    concurrent callers may both import, the first rename wins. The cache is not refreshed when the package
-    changes: delete the folder to import again.
+    concurrent callers may both import, the first rename wins. A cached import written by an older importer
+    (`IMPORTER_VERSION`) is imported again and replaced. The cache is not refreshed when the package changes:
+    delete the folder to import again.
 
     Args:
         name: "tiny.en" or "base".
@@ -768,23 +794,35 @@ def ensure_packaged_model(name: str, cache_dir: str | os.PathLike | None = None)
         The checkpoint folder, loadable with `WhisperForConditionalGeneration.from_pretrained`.
     """
     target = Path(cache_dir or default_cache_dir()) / "models" / f"whisper-{name}"
-    if (target / IMPORT_INFO_FILE).is_file():
+    version = cached_import_version(target)
+    if version is not None and version >= IMPORTER_VERSION:
         return str(target)
-    if target.exists():
+    if version is None and target.exists():
         raise FileExistsError(
             f"Expected {target} to be a finished import (with {IMPORT_INFO_FILE}), but it is incomplete; "
             "delete the folder and call ensure_packaged_model again."
         )
+    if version is not None:
+        logger.warning("%s was written by importer version %d; importing it again (version %d).", target, version,
+                       IMPORTER_VERSION)
     dirs = packaged_model_dirs(name)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # The import goes to a subfolder: mkdtemp's own folder is private, the renamed one an ordinary cache folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".whisper-{name}-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed folder is an ordinary cache folder
     try:
-        import_ctranslate2(dirs[0], tmp, extra_part_dirs=dirs[1:], overwrite=True)
+        import_ctranslate2(dirs[0], tmp / "import", extra_part_dirs=dirs[1:])
+        stale = cached_import_version(target)
+        if stale is not None and stale < IMPORTER_VERSION:
+            # A folder cannot be renamed onto a non-empty one: move the stale import into our temporary folder
+            # (deleted below); a concurrent caller may have moved it already.
+            try:
+                os.rename(target, tmp / "stale")
+            except FileNotFoundError:
+                pass
         try:
-            os.rename(tmp, target)
+            os.rename(tmp / "import", target)
         except OSError:
-            if not (target / IMPORT_INFO_FILE).is_file():  # not a concurrent import that finished first
+            if (cached_import_version(target) or 0) < IMPORTER_VERSION:  # not a concurrent import that finished
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

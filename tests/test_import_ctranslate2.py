@@ -347,11 +347,15 @@ def test_config_tokenizer_and_generation_config(name, imported, loaded):
     if name == "base":
         assert generation.lang_to_id["<|en|>"] == 50259 and len(generation.lang_to_id) == 99
         assert generation.task_to_id == {"transcribe": 50359, "translate": 50358}
+        # No language: generate() detects it; the task is the default the Hub checkpoints get from
+        # forced_decoder_ids (tests/test_multilingual.py decodes with it).
+        assert generation.task == "transcribe" and getattr(generation, "language", None) is None
     else:
-        assert not hasattr(generation, "lang_to_id")
+        assert not hasattr(generation, "lang_to_id") and not hasattr(generation, "task")
 
     info = json.loads((Path(imported(name)) / importer.IMPORT_INFO_FILE).read_text())
     assert info["stored_dtypes"] == ["float16"] and info["binary_version"] == 6
+    assert info["importer_version"] == importer.IMPORTER_VERSION
 
 
 @pytest.mark.real_weights
@@ -395,3 +399,21 @@ def test_ensure_reuses_the_finished_import(imported, cache_dir, monkeypatch):
     monkeypatch.setattr(importer, "import_ctranslate2", fail)
     assert ensure_packaged_model("tiny.en", cache_dir=cache_dir) == folder
     assert not [p for p in (cache_dir / "models").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+@pytest.mark.real_weights
+def test_ensure_reimports_a_stale_cache(imported, tmp_path):
+    """A cached import from before IMPORTER_VERSION was stamped (or from an older version) is replaced."""
+    stale = tmp_path / "models" / "whisper-tiny.en"
+    shutil.copytree(imported("tiny.en"), stale)
+    info = json.loads((stale / importer.IMPORT_INFO_FILE).read_text())
+    del info["importer_version"]  # as written by importer version 1
+    (stale / importer.IMPORT_INFO_FILE).write_text(json.dumps(info))
+    (stale / "left-by-the-old-import.txt").write_text("stale")
+    assert importer.cached_import_version(stale) == 1
+
+    assert ensure_packaged_model("tiny.en", cache_dir=tmp_path) == str(stale)
+    assert importer.cached_import_version(stale) == importer.IMPORTER_VERSION
+    assert not (stale / "left-by-the-old-import.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["whisper-tiny.en"]  # no temporary folders
+    WhisperForConditionalGeneration.from_pretrained(stale)
