@@ -27,7 +27,14 @@ from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalG
 from audio_data import load_speech_dataset  # noqa: E402
 import torch  # noqa: E402
 
-from convert_whisper_to_mla import MLAArguments, convert_whisper_to_mla, load_calibration_audio  # noqa: E402
+from convert_whisper_to_mla import (  # noqa: E402
+    MLAArguments,
+    calibrated_blocks,
+    collect_calibration_statistics,
+    convert_whisper_to_mla,
+    load_calibration_audio,
+    mla_config_from_whisper,
+)
 from modeling_whisper_mla import expected_cache_bytes_per_utterance  # noqa: E402
 from run_eval import build_generate_kwargs, evaluate_model, write_predictions  # noqa: E402
 
@@ -49,8 +56,9 @@ class DemoArguments:
     eval_data: list[str] | None = field(
         default=None, metadata={"help": "Held-out speech sets with transcripts (any run_eval --data form); the first "
                                 "is the headline. Default: make_speech_data.py's multi_eval (several real speakers "
-                                "that calibration never hears) and real_eval (the calibration speaker's held-out "
-                                "prompts)."}
+                                "that calibration never hears), multi_eval_long (1-3 minute recordings of them, "
+                                "long-form decoding with timestamps) and real_eval (the calibration speaker's "
+                                "held-out prompts)."}
     )
     compare_per_layer: bool = field(
         default=True, metadata={"help": "Also convert with the previous per-layer default (kv_lora_rank 192 for "
@@ -73,7 +81,8 @@ def default_data(demo_args: DemoArguments, mla_args: MLAArguments) -> None:
         from make_speech_data import ensure_speech_data
 
         manifests = ensure_speech_data()
-        demo_args.eval_data = demo_args.eval_data or [str(manifests["multi_eval"]), str(manifests["real_eval"])]
+        demo_args.eval_data = demo_args.eval_data or [
+            str(manifests[name]) for name in ("multi_eval", "multi_eval_long", "real_eval")]
         mla_args.calibration_data = mla_args.calibration_data or str(manifests["real_train"])
 
 
@@ -145,10 +154,14 @@ def main():
         per_layer = replace(mla_args, **PER_LAYER_BASELINE, mla_targets=["decoder_self", "decoder_cross"])
         per_layer.kv_lora_rank = min(per_layer.kv_lora_rank, mha.config.d_model)  # a model narrower than 192
         settings.insert(0, (setting_label(per_layer) + " (previous default)", per_layer))
+    # one calibration pass serves both conversions: statistics of every block either of them converts
+    blocks = sorted({name for _, args in settings for name in calibrated_blocks(mla_config_from_whisper(mha.config,
+                                                                                                        args))})
+    stats = collect_calibration_statistics(mha, processor.feature_extractor, calibration, blocks,
+                                           batch_size=mla_args.calibration_batch_size)
     runs = [("mha", "MHA (original)", mha, None)]
     for i, (label, args) in enumerate(settings):
-        mla = convert_whisper_to_mla(mha, args, calibration_audio=calibration,
-                                     feature_extractor=processor.feature_extractor)
+        mla = convert_whisper_to_mla(mha, args, calibration_statistics=stats)
         runs.append((f"mla{i}", label, mla, args.mla_cache_quantization))
     if mla_args.mla_cache_quantization is None:  # the default model again, decoding with its int8 latent cache
         runs.append(("mla_int8", f"{runs[-1][1]}, int8 cache", runs[-1][2], "int8"))

@@ -405,13 +405,20 @@ def set_trainable(model, model_args: ModelArguments):
             if isinstance(module, WhisperAttention):  # MLA blocks subclass it
                 module.requires_grad_(True)
         return model
+    shared_down = getattr(model.model.decoder, "cross_kv_a_proj", None)  # a narrow shared cross latent's projection
     if mode == "mla":
         for name in model.config.mla_block_names():
             model.model.get_submodule(name).requires_grad_(True)
+        if shared_down is not None:
+            shared_down.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets = [f"model.{block}.{proj}" for block in model.config.mla_block_names() for proj in MLA_PROJECTIONS]
+    modules = dict(model.named_modules())
+    targets = [f"model.{block}.{proj}" for block in model.config.mla_block_names() for proj in MLA_PROJECTIONS
+               if f"model.{block}.{proj}" in modules]  # blocks reading a shared cross latent have no kv_a_proj
+    if shared_down is not None:
+        targets.append("model.decoder.cross_kv_a_proj")
     lora_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                              lora_dropout=model_args.lora_dropout, target_modules=targets, bias="none")
     # The absorbed decode path reads k_b_proj/v_b_proj weights directly, which would skip unmerged LoRA factors:

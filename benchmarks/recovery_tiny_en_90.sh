@@ -22,7 +22,7 @@ json.dump({"annotation": mixed}, open(out, "w"))
 PY
 
 python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
-  --kv_lora_rank 48 --kept_key_dims 4 --key_selection 2-norm --svd_method joint \
+  --kv_lora_rank 48 --kept_key_dims 4 --key_selection 2-norm --svd_method joint --cross_attention_latent per_layer \
   --calibration_data "$OUT/calibration.json" --calibration_samples 256
 python run_finetune.py --model_name_or_path "$OUT/init" \
   --teacher_model_name_or_path "$TINY" --distill --trainable mla \

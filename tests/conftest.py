@@ -57,14 +57,15 @@ def tiny_mha(tiny_en_dir):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dirs(tmp_path_factory, tiny_mha, tiny_en_processor):
-    """(MHA folder, MLA folder): `tiny_mha` saved as is, and converted (kv_lora_rank 8, 2 kept key dims) and saved."""
+    """(MHA folder, MLA folder): `tiny_mha` saved as is, and converted (kv_lora_rank 8, 2 kept key dims, per-layer
+    cross latents: the layout the script tests' cache figures assume) and saved."""
     from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     mha_dir, mla_dir = str(root / "mha"), str(root / "mla")
     tiny_mha.save_pretrained(mha_dir)
     tiny_en_processor.save_pretrained(mha_dir)
-    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
+    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, cross_attention_latent="per_layer")
     save_mla_checkpoint(mla, tiny_en_processor, mla_dir)
     return mha_dir, mla_dir
 

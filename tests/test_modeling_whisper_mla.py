@@ -32,7 +32,7 @@ def greedy(model, input_features, **kwargs):
 @pytest.mark.parametrize("key_selection", ["uniform", "2-norm"])
 def test_full_rank_matches_mha(tiny_mha, noise_audio, targets, key_selection):
     mla = convert_whisper_to_mla(
-        tiny_mha, mla_targets=targets, kv_lora_rank=16, kept_key_dims=3, key_selection=key_selection,
+        tiny_mha, cross_attention_latent="per_layer", mla_targets=targets, kv_lora_rank=16, kept_key_dims=3, key_selection=key_selection,
         calibration_audio=noise_audio if key_selection == "2-norm" else None, feature_extractor=FEATURE_EXTRACTOR,
     )
     x, ids = features(), prompt(tiny_mha)
@@ -46,9 +46,9 @@ def test_full_rank_matches_mha(tiny_mha, noise_audio, targets, key_selection):
 
 
 def test_2norm_keeps_the_highest_scoring_dims(tiny_mha, noise_audio):
-    mla = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, key_selection="2-norm",
+    mla = convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=8, kept_key_dims=2, key_selection="2-norm",
                                  calibration_audio=noise_audio, feature_extractor=FEATURE_EXTRACTOR)
-    uniform = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
+    uniform = convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=8, kept_key_dims=2)
     indices = mla.config.kept_key_indices
     assert indices != uniform.config.kept_key_indices
     assert all(len(h) == 2 and h == sorted(h) for heads in indices.values() for h in heads)
@@ -57,7 +57,7 @@ def test_2norm_keeps_the_highest_scoring_dims(tiny_mha, noise_audio):
 @pytest.fixture(scope="module")
 def low_rank_mla(tiny_mha, noise_audio):
     """Low rank, activation-aware, all the decoder converted: a model whose outputs differ from MHA."""
-    return convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=2, calibration_audio=noise_audio,
+    return convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=6, kept_key_dims=2, calibration_audio=noise_audio,
                                   feature_extractor=FEATURE_EXTRACTOR)
 
 
@@ -80,7 +80,7 @@ def test_incremental_decoding_equals_full_forward(low_rank_mla, path):
 @pytest.fixture(scope="module")
 def split_mla(tiny_mha, noise_audio):
     """Split SVD: the first half of the latent serves the keys, the second the values."""
-    return convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, svd_method="split",
+    return convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=8, kept_key_dims=2, svd_method="split",
                                   calibration_audio=noise_audio, feature_extractor=FEATURE_EXTRACTOR)
 
 
@@ -88,7 +88,7 @@ def test_split_svd_error_shrinks_with_rank(tiny_mha, noise_audio, split_mla):
     x, ids = features(), prompt(tiny_mha)
     errors = []
     for rank in (4, 8, 16, 25):  # 25: the key latent is full (12 = 2 heads x 6 dims)
-        model = convert_whisper_to_mla(tiny_mha, kv_lora_rank=rank, kept_key_dims=2, svd_method="split")
+        model = convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=rank, kept_key_dims=2, svd_method="split")
         assert model.model.decoder.layers[0].self_attn.k_b_proj.in_features == rank // 2
         with torch.no_grad():
             errors.append((model(x, decoder_input_ids=ids).logits - tiny_mha(x, decoder_input_ids=ids).logits).norm())
@@ -188,7 +188,7 @@ def test_int8_cache(low_rank_mla):
 
 def test_no_kept_dims(tiny_mha):
     """kept_key_dims=0 (all of every key compressed): both paths agree, beams and the int8 cache work."""
-    absorbed = convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=0)
+    absorbed = convert_whisper_to_mla(tiny_mha, cross_attention_latent="per_layer", kv_lora_rank=6, kept_key_dims=0)
     naive = copy.deepcopy(absorbed)
     naive.config.mla_attn_implementation = "naive"
     x, ids = features(batch=2), prompt(tiny_mha, batch=2)

@@ -42,7 +42,8 @@ def run_fresh(code: str, tmp_path) -> dict:
 @pytest.fixture(scope="module", params=["per_layer", "shared"])
 def saved_checkpoint(request, tiny_mha, tiny_en_processor, tmp_path_factory):
     """Per-layer cross latents, or one shared cross latent narrower than d_model (so its down-projection ships)."""
-    shared = dict(cross_attention_latent="shared", cross_kv_lora_rank=10) if request.param == "shared" else {}
+    shared = dict(cross_attention_latent="shared", cross_kv_lora_rank=10) if request.param == "shared" else dict(
+        cross_attention_latent="per_layer")
     model = convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=2, **shared)
     path = tmp_path_factory.mktemp("mla_checkpoint")
     save_mla_checkpoint(model, tiny_en_processor, str(path))
