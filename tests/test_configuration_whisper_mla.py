@@ -63,3 +63,14 @@ def test_converter_rejects_what_it_cannot_convert(tiny_mha):
         convert_whisper_to_mla(torch.nn.Linear(2, 2), kv_lora_rank=4)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=17)
+
+
+def test_uncalibrated_lossy_conversion_warns(tiny_mha, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="convert_whisper_to_mla"):
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=16, kept_key_dims=2)  # full rank, shared cross at d_model
+    assert "without calibration" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="convert_whisper_to_mla"):
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
+    assert "Converting without calibration audio" in caplog.text and "--calibration_data" in caplog.text
