@@ -9,19 +9,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from configuration_whisper_mla import WhisperMLAConfig
 from convert_whisper_to_mla import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration, cache_nbytes, expected_cache_bytes_per_token
-
-
-def features(batch=1, seed=0):
-    return torch.randn(batch, 80, 3000, generator=torch.Generator().manual_seed(seed))
-
-
-def prompt(model, batch=1):
-    ids = [model.generation_config.decoder_start_token_id, model.generation_config.no_timestamps_token_id]
-    return torch.tensor([ids + [1000, 2000, 3000]] * batch)
-
-
-def greedy(model, input_features, **kwargs):
-    return model.generate(input_features, max_new_tokens=12, do_sample=False, **kwargs)
+from test_modeling_whisper_mla import features, greedy, prompt
 
 
 def logits(model, x, ids):
