@@ -1,17 +1,22 @@
 """Benchmark Whisper (MHA) against Whisper-MLA side by side: decoder cache bytes, peak memory and decode speed.
 
-One run measures MHA, MLA with the naive path and MLA with the absorbed path under the same conditions (30 s of
-random log-mel audio, a forced number of generated tokens, greedy and beam search), each setting in a fresh
-subprocess so that its peak memory is its own.
+One run measures MHA and every MLA variant (naive path, absorbed path, int8 cache, ...) under the same conditions
+(30 s of random log-mel audio, a forced number of generated tokens, greedy and beam search). Each setting has its
+own fresh worker process, so that its peak memory is its own. Speed is measured in rounds, so that it survives a
+shared machine: in every round each setting's worker runs one timed generation, in an order rotated from round to
+round, while the others wait; a ratio (MLA/MHA) is computed within a round, from two measurements taken seconds
+apart, and reported as the median over the rounds with its range. The machine's load is recorded before and during
+the run, and the report says when a ratio's spread is too large to quote or the machine was busy.
 
     python run_benchmark.py --size small --output_dir outputs/benchmark --batch_sizes 1 16 --new_tokens 64
     python run_benchmark.py --model_name_or_path openai/whisper-small --output_dir outputs/benchmark
     python run_benchmark.py --model_name_or_path openai/whisper-small --mla_model_name_or_path MLA_CKPT \
         --output_dir outputs/benchmark
 
-Writes OUTPUT_DIR/results.json (one record per setting), results.md (MLA/MHA ratios) and PNG plots.
+Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -63,15 +69,37 @@ SIZES = {
                       encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=128, decoder_ffn_dim=128, begin_suppress_tokens=None, suppress_tokens=None),
 }
-ATTENTIONS = ("mha", "mla-naive", "mla-absorbed", "mla-absorbed-int8")
-MLA_VARIANTS = {  # config settings of each measured MLA variant
-    "mla-naive": dict(mla_attn_implementation="naive", mla_cache_quantization=None),
-    "mla-absorbed": dict(mla_attn_implementation="absorb", mla_cache_quantization=None),
-    "mla-absorbed-int8": dict(mla_attn_implementation="absorb", mla_cache_quantization="int8"),
+# The measured MLA variants, one entry each. `conversion`: the MLAArguments fields the variant fixes (the run's
+# arguments give the rest; variants fixing the same fields share one converted checkpoint, and a given MLA checkpoint
+# serves the variants whose fields its config has). `config`: load-time settings given to from_pretrained.
+PER_LAYER, SHARED = dict(cross_attention_latent="per_layer"), dict(cross_attention_latent="shared")
+MLA_VARIANTS = {
+    # the original Whisper_MLA layout: every cross-attention block caches a latent of its own
+    "mla-naive": dict(conversion=PER_LAYER, config=dict(mla_attn_implementation="naive", mla_cache_quantization=None)),
+    "mla-absorbed": dict(conversion=PER_LAYER,
+                         config=dict(mla_attn_implementation="absorb", mla_cache_quantization=None)),
+    "mla-absorbed-int8": dict(conversion=PER_LAYER,
+                              config=dict(mla_attn_implementation="absorb", mla_cache_quantization="int8")),
+    # one cross-attention latent (width --cross_kv_lora_rank) serves every decoder layer
+    "mla-shared-absorbed": dict(conversion=SHARED,
+                                config=dict(mla_attn_implementation="absorb", mla_cache_quantization=None)),
+    "mla-shared-absorbed-int8": dict(conversion=SHARED,
+                                     config=dict(mla_attn_implementation="absorb", mla_cache_quantization="int8")),
 }
+ATTENTIONS = ("mha", *MLA_VARIANTS)
+# The paired ratios: wall-clock decode speed (what a user waits for), decode speed per CPU-second of the worker (on a
+# CPU: waiting for a core, as on a shared machine, does not count) and the first step's time.
+METRIC_LABELS = {"decode_tokens_per_s": "decode tok/s", "decode_tokens_per_cpu_s": "decode tok/CPU-s",
+                 "first_step_s": "first-step time"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUDIO_FRAMES = 3000  # 30 s of log-mel frames, the only input length Whisper's encoder takes
 MIB = 2**20
+# The original Whisper_MLA setting (latent 96 + 4 kept key dims per head, -90.6% cache on small), which the
+# benchmark measures unless told otherwise; the converter's own default (kv_lora_rank 192) is chosen for WER.
+BENCHMARK_KV_LORA_RANK = 96
+SPREAD_LIMIT = 0.20  # (max - min) / median of a ratio over the rounds above which it is flagged as unsteady
+BUSY_SHARE = 0.25  # other processes using this share of the machine's CPUs (or this much steal) make it "busy"
+SLOW_ENV = "WHISPER_MLA_BENCH_SLOW"  # tests only: ATTENTION:ROUND:SECONDS slows that worker's steps in that round
 
 
 @dataclass
@@ -94,11 +122,17 @@ class BenchmarkArguments:
         metadata={"help": "Generated tokens per sequence (forced; capped at max_target_positions minus the prompt)."},
     )
     num_beams: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "1 is greedy, >1 beam search."})
-    attentions: list[str] = field(
-        default_factory=lambda: list(ATTENTIONS),
-        metadata={"help": "What is measured; ratios need mha.", "choices": list(ATTENTIONS)},
+    attentions: list[str] | None = field(
+        default=None,
+        metadata={"help": "What is measured; ratios need mha. Default: all (with --mla_model_name_or_path: mha and "
+                  "the variants of that checkpoint's cross-attention layout).", "choices": list(ATTENTIONS)},
     )
-    repeats: int = field(default=3, metadata={"help": "Timed generations per setting (after one warm-up); medians."})
+    rounds: int = field(
+        default=5,
+        metadata={"help": "Speed rounds: in each, every setting runs once (rotated order); ratios are paired within "
+                  "a round and reported as median (min-max) over the rounds."},
+    )
+    repeats: int = field(default=1, metadata={"help": "Timed generations per setting and round (their median)."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(
         default="auto",
@@ -111,22 +145,32 @@ class BenchmarkArguments:
         default=True,
         metadata={"help": "Beam search caches one cross-attention latent per utterance (False: one per beam)."},
     )
-    num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads of each measurement (default: torch's choice)."}
+    num_threads: int = field(
+        default=1,
+        metadata={"help": "torch CPU threads of each worker. 1 by default: a multi-threaded step waits for its "
+                  "slowest thread, so one busy core slows it unevenly; raise it on an idle machine."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of random weights and random audio features."})
 
 
-@dataclass
-class BenchmarkMLAArguments(MLAArguments):
-    """The converter's settings, defaulting to the original Whisper_MLA setting whose cache the targets are set for."""
-
-    kv_lora_rank: int = field(
-        default=96, metadata={"help": "Latent width cached per token and converted block (Whisper_MLA: 96)."}
-    )
-
-
 # --------------------------------------------------------------------------------------------- models
+
+
+def injected_step_delay(attention: str, round_index: int) -> float:
+    """Seconds to stall at every decoding step of `attention` in round `round_index`, from WHISPER_MLA_BENCH_SLOW
+    (ATTENTION:ROUND:SECONDS): how the tests slow one worker of one round. 0 when unset."""
+    spec = os.environ.get(SLOW_ENV)
+    if not spec:
+        return 0.0
+    try:
+        name, slow_round, seconds = spec.split(":")
+        slow_round, seconds = int(slow_round), float(seconds)
+    except ValueError:
+        raise ValueError(
+            f"Expected {SLOW_ENV}=ATTENTION:ROUND:SECONDS_PER_STEP (e.g. mha:1:0.5), but found {spec!r}; fix or "
+            "unset it (it exists for the tests)."
+        ) from None
+    return seconds if (name, slow_round) == (attention, round_index) else 0.0
 
 
 def validate_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None:
@@ -152,14 +196,35 @@ def validate_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None
             f"and repeats >= 1, but found new_tokens={args.new_tokens}, batch_sizes={args.batch_sizes}, "
             f"num_beams={args.num_beams}, repeats={args.repeats}; raise them."
         )
+    if args.rounds < 1 or args.num_threads < 1:
+        raise ValueError(
+            f"Expected rounds >= 1 (3 or more for a median that ignores one disturbed round) and num_threads >= 1, "
+            f"but found rounds={args.rounds}, num_threads={args.num_threads}; raise them."
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"Expected a GPU for --device {args.device}, but found none; pass --device cpu.")
+    injected_step_delay("", 0)  # a malformed test hook fails here, before any work
     if args.dtype == "auto":
         args.dtype = "float32" if args.device == "cpu" else "float16"
 
 
+def checkpoint_name(attention: str) -> str:
+    """Folder of the checkpoint an attention is measured with: mha, or one named after its conversion's fields
+    (e.g. mla-cross_attention_latent-shared)."""
+    if attention == "mha":
+        return "mha"
+    return "mla" + "".join(f"-{k}-{v}" for k, v in sorted(MLA_VARIANTS[attention]["conversion"].items()))
+
+
+def serves(config, attention: str) -> bool:
+    """Whether an MLA checkpoint (its config) has the conversion fields a variant fixes."""
+    return all(getattr(config, k, None) == v for k, v in MLA_VARIANTS[attention]["conversion"].items())
+
+
 def load_models(args: BenchmarkArguments, mla_args: MLAArguments):
-    """(MHA model, MLA model, display name) in float32 on the CPU, from a checkpoint or from a size."""
+    """(MHA model, {attention: MLA model}, display name) in float32 on the CPU, from a checkpoint or a size: the
+    given MLA checkpoint, or one conversion per distinct `conversion` of the measured variants."""
+    requested = [a for a in (args.attentions or ATTENTIONS) if a != "mha"]
     if args.size is not None:
         torch.manual_seed(args.seed)
         mha = WhisperForConditionalGeneration(WhisperConfig(**SIZES[args.size])).eval()
@@ -171,13 +236,26 @@ def load_models(args: BenchmarkArguments, mla_args: MLAArguments):
         mla = AutoModelForSpeechSeq2Seq.from_pretrained(
             args.mla_model_name_or_path, trust_remote_code=True, dtype=torch.float32
         ).eval()
-        return mha, mla, f"{name} vs {args.mla_model_name_or_path}"
+        others = [a for a in requested if not serves(mla.config, a)]
+        if args.attentions is not None and others:
+            raise ValueError(
+                f"--attentions {others} need {[MLA_VARIANTS[a]['conversion'] for a in others]}, but found "
+                f"cross_attention_latent={getattr(mla.config, 'cross_attention_latent', None)!r} in "
+                f"{args.mla_model_name_or_path}; drop them from --attentions (or leave it out: the variants that "
+                "apply are measured)."
+            )
+        return mha, {a: mla for a in requested if a not in others}, f"{name} vs {args.mla_model_name_or_path}"
     audios, feature_extractor = None, None
     if mla_args.calibration_data is not None:
         audios = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
         feature_extractor = AutoProcessor.from_pretrained(args.model_name_or_path).feature_extractor
-    mla = convert_whisper_to_mla(mha, mla_args, calibration_audio=audios, feature_extractor=feature_extractor)
-    return mha, mla, name
+    converted = {}  # checkpoint name: model
+    for attention in requested:
+        if checkpoint_name(attention) not in converted:
+            converted[checkpoint_name(attention)] = convert_whisper_to_mla(
+                mha, dataclasses.replace(mla_args, **MLA_VARIANTS[attention]["conversion"]), calibration_audio=audios,
+                feature_extractor=feature_extractor)
+    return mha, {a: converted[checkpoint_name(a)] for a in requested}, name
 
 
 def generation_kwargs(model, new_tokens: int, num_beams: int) -> dict:
@@ -198,20 +276,52 @@ def prompt_length(model) -> int:
     return cache.get_seq_length()  # prompt + generated - 1: the last token is never fed back
 
 
+def prepare_models(args: BenchmarkArguments, mla_args: MLAArguments, model_dir: str):
+    """Saves the MHA model and each needed MLA checkpoint in the benchmark dtype under model_dir, so that each worker
+    loads only the one it measures; returns (display name, {attention: checkpoint folder}, {attention: MLA config},
+    decoder prompt length). The models are freed on return."""
+    mha, mlas, name = load_models(args, mla_args)
+    prompt = prompt_length(mha)
+    folders = {"mha": os.path.join(model_dir, "mha")}
+    mha.to(DTYPES[args.dtype]).save_pretrained(folders["mha"])
+    for attention, model in mlas.items():
+        folders[attention] = os.path.join(model_dir, checkpoint_name(attention))
+        if not os.path.exists(folders[attention]):  # variants of one conversion share it
+            model.to(DTYPES[args.dtype]).save_pretrained(folders[attention])
+    measured = [a for a in ATTENTIONS if a in folders and (args.attentions is None or a in args.attentions)]
+    max_new_tokens = mha.config.max_target_positions - prompt
+    return name, {a: folders[a] for a in measured}, {a: m.config for a, m in mlas.items()}, prompt, max_new_tokens
+
+
+def describe_mla(config) -> dict:
+    """The conversion settings a record needs to be read (also for a remote-code config of an older version)."""
+    shared = "decoder_cross" in config.mla_targets and getattr(config, "cross_attention_latent", None) == "shared"
+    return dict(mla_targets=list(config.mla_targets), kv_lora_rank=config.kv_lora_rank,
+                kept_key_dims=config.kept_key_dims, cross_attention_latent="shared" if shared else "per_layer",
+                shared_cross_rank=(getattr(config, "cross_kv_lora_rank", None) or config.d_model) if shared else None)
+
+
 # --------------------------------------------------------------------------------------------- worker
 
 
 class StepTimer(LogitsProcessor):
-    """Records when each decoding step's logits are ready; it changes no scores."""
+    """Records when each decoding step's logits are ready, in wall-clock and in this process's CPU time; it changes
+    no scores. `delay_s` is the tests' slowdown."""
 
-    def __init__(self, synchronize: bool):
+    def __init__(self, synchronize: bool, delay_s: float = 0.0):
         self.synchronize = synchronize
-        self.times = []
+        self.delay_s = delay_s
+        self.times, self.cpu_times = [], []
 
     def __call__(self, input_ids, scores):
         if self.synchronize:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
+        if self.delay_s:
+            end = time.perf_counter() + self.delay_s  # busy: it must slow the CPU-time figures too
+            while time.perf_counter() < end:
+                pass
         return scores
 
 
@@ -221,13 +331,15 @@ def now(cuda: bool) -> float:
     return time.perf_counter()
 
 
-def timed_generate(model, encoder_hidden, new_tokens: int, num_beams: int) -> tuple[float, float, dict, int]:
-    """(first step seconds, seconds of the `new_tokens - 1` steps after it, cache bytes, cached tokens per sequence).
+def timed_generate(model, encoder_hidden, new_tokens: int, num_beams: int,
+                   step_delay_s: float = 0.0) -> tuple[float, float, float, dict, int]:
+    """(first step seconds, seconds of the `new_tokens - 1` steps after it, CPU seconds of these steps, cache bytes,
+    cached tokens per sequence).
 
     Generation starts from precomputed encoder states, so repeats do not rerun the encoder. The cache is passed in
     rather than read from `return_dict_in_generate`, which would copy it per sample; it is freed on return.
     """
-    timer = StepTimer(synchronize=encoder_hidden.is_cuda)
+    timer = StepTimer(synchronize=encoder_hidden.is_cuda, delay_s=step_delay_s)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     start = now(encoder_hidden.is_cuda)
     # a fresh BaseModelOutput each time: beam search expands it in place
@@ -235,7 +347,9 @@ def timed_generate(model, encoder_hidden, new_tokens: int, num_beams: int) -> tu
                    logits_processor=LogitsProcessorList([timer]), **generation_kwargs(model, new_tokens, num_beams))
     if len(timer.times) != new_tokens:
         raise RuntimeError(f"Expected {new_tokens} decoding steps, but found {len(timer.times)}.")
-    return timer.times[0] - start, timer.times[-1] - timer.times[0], cache_nbytes(cache), cache.get_seq_length()
+    decode_cpu_s = timer.cpu_times[-1] - timer.cpu_times[0]
+    return (timer.times[0] - start, timer.times[-1] - timer.times[0], decode_cpu_s, cache_nbytes(cache),
+            cache.get_seq_length())
 
 
 def peak_rss_bytes() -> int:
@@ -247,19 +361,28 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def run_worker(setting: dict) -> dict:
-    """Measures one setting in this (fresh) process; the result is written to setting["result_file"]."""
+def run_worker(setting: dict) -> None:
+    """Measures one setting in this (fresh) process, one round at a time, as the parent asks over JSON lines.
+
+    Sends {"encoder_s"} once loaded and warmed up; answers each {"round": r} on stdin with that round's medians of
+    `repeats` timed generations; answers {"stop": true} with the setting's record (cache bytes, peak memory, ...).
+    """
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else written to stdout goes to stderr, not into the protocol
+
+    def send(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+
     transformers.logging.set_verbosity_error()
     device, dtype = torch.device(setting["device"]), DTYPES[setting["dtype"]]
-    if setting["num_threads"] is not None:
-        torch.set_num_threads(setting["num_threads"])
+    torch.set_num_threads(setting["num_threads"])
     attention, batch, beams, new_tokens = (setting[k] for k in ("attention", "batch_size", "num_beams", "new_tokens"))
-    model_class = WhisperForConditionalGeneration if attention == "mha" else WhisperMLAForConditionalGeneration
-    model = model_class.from_pretrained(setting["model_dir"], dtype=dtype,
+    model_class, overrides = WhisperForConditionalGeneration, {}
+    if attention != "mha":  # load-time config settings, as a user would pass them
+        model_class = WhisperMLAForConditionalGeneration
+        overrides = dict(MLA_VARIANTS[attention]["config"], share_cross_latent_across_beams=setting["share"])
+    model = model_class.from_pretrained(setting["model_dir"], dtype=dtype, **overrides,
                                         attn_implementation=setting["attn_implementation"]).to(device).eval()
-    if attention != "mha":
-        for key, value in dict(MLA_VARIANTS[attention], share_cross_latent_across_beams=setting["share"]).items():
-            setattr(model.config, key, value)
     generator = torch.Generator().manual_seed(setting["seed"])
     features = torch.randn(batch, model.config.num_mel_bins, AUDIO_FRAMES, generator=generator).to(device, dtype)
     if device.type == "cuda":
@@ -268,48 +391,251 @@ def run_worker(setting: dict) -> dict:
     with torch.inference_mode():
         model.model.encoder(features[:1])  # warm-up; batch 1 initialises the same kernels
         start = now(device.type == "cuda")
-        encoder_hidden = model.model.encoder(features).last_hidden_state  # once: it is the same for every repeat
+        encoder_hidden = model.model.encoder(features).last_hidden_state  # once: the same for every round
         encoder_s = now(device.type == "cuda") - start
         timed_generate(model, encoder_hidden, 2, beams)  # warm-up of the decoder at this batch size
-        runs = [timed_generate(model, encoder_hidden, new_tokens, beams) for _ in range(setting["repeats"])]
+        send({"encoder_s": encoder_s})  # only now: the parent measures nothing while a worker is busy starting
+        while (request := json.loads(sys.stdin.readline() or "{}")).get("round") is not None:
+            delay = injected_step_delay(attention, request["round"])
+            runs = [timed_generate(model, encoder_hidden, new_tokens, beams, delay) for _ in range(setting["repeats"])]
+            decode_s, decode_cpu_s = (statistics.median(r[i] for r in runs) for i in (1, 2))
+            tokens = batch * (new_tokens - 1)  # returned tokens: batch per step, beams or not
+            send(dict(round=request["round"], first_step_s=statistics.median(r[0] for r in runs),
+                      decode_tokens_per_s=tokens / decode_s, decode_step_ms=1000 * decode_s / (new_tokens - 1),
+                      decode_tokens_per_cpu_s=tokens / decode_cpu_s if device.type == "cpu" else None))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the other workers measure while this one waits
     if device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:  # includes the weights and the Python/torch runtime
         peak, peak_kind = peak_rss_bytes(), "process peak RSS"
 
-    _, _, nbytes, seq_len = runs[-1]
+    *_, nbytes, seq_len = runs[-1]
     sequences = batch * beams
     value_bytes = sequences * model.config.decoder_layers * encoder_hidden.element_size()  # one value, every layer
-    decode_s = statistics.median(r[1] for r in runs)
-    result = dict(
-        attention=attention, batch_size=batch, num_beams=beams, new_tokens=new_tokens,
+    send(dict(
         prompt_tokens=seq_len - new_tokens + 1, cache_sequences=sequences, cache_bytes=nbytes["self"] + nbytes["cross"],
         cache_bytes_self=nbytes["self"], cache_bytes_cross=nbytes["cross"],
         values_per_token_per_layer_self=nbytes["self"] / (value_bytes * seq_len),
         values_per_token_per_layer_cross=nbytes["cross"] / (value_bytes * encoder_hidden.shape[1]),
         peak_memory_bytes=peak, peak_memory_kind=peak_kind,
         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-        encoder_s=encoder_s, first_step_s=statistics.median(r[0] for r in runs),
-        decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,  # returned tokens: batch per step, beams or not
-        decode_step_ms=1000 * decode_s / (new_tokens - 1),
         attn_implementation=model.config._attn_implementation, num_threads=torch.get_num_threads(),
-    )
-    with open(setting["result_file"], "w") as f:
-        json.dump(result, f)
-    return result
+    ))
 
 
-def measure_in_subprocess(setting: dict) -> dict:
-    """Runs `run_worker` in a fresh interpreter; an out-of-memory or crash becomes an `error` record."""
-    with tempfile.TemporaryDirectory() as tmp:
-        setting = dict(setting, result_file=os.path.join(tmp, "result.json"))
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(setting)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(setting["result_file"]):
-            keys = ("attention", "batch_size", "num_beams", "new_tokens")
-            return {**{k: setting[k] for k in keys}, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
-        with open(setting["result_file"]) as f:
-            return json.load(f)
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """The parent's handle on one setting's worker: started once (model loaded, encoder run), asked for one
+    measurement per round, then stopped for the setting's record. It idles, using no CPU, while others measure."""
+
+    def __init__(self, setting: dict):
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block on it
+        env = dict(os.environ, OMP_NUM_THREADS=str(setting["num_threads"]))
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(setting)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env,
+        )
+        self.started = self._receive()
+
+    def _receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            self.stderr.seek(0)
+            raise WorkerError(f"exit {code}: {self.stderr.read()[-2000:]}")
+        return json.loads(line)
+
+    def ask(self, request: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the worker died (e.g. out of memory): _receive reports how
+            pass
+        return self._receive()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+
+def rotated(items: list, shift: int) -> list:
+    """items rotated left by `shift`: round r starts with the r-th setting, so no setting always goes first."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+# --------------------------------------------------------------------------------------------- machine load
+
+
+def cpu_snapshot() -> dict:
+    """CPU seconds so far: the whole machine's busy and stolen time (/proc/stat through psutil) and this process
+    tree's own (this process, its finished children, its live workers)."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    steal = getattr(times, "steal", 0.0)
+    # guest time is already counted inside user time on Linux
+    total = sum(getattr(times, name) for name in times._fields if name not in ("guest", "guest_nice"))
+    me = psutil.Process()
+    ours = sum(me.cpu_times()[:4])  # user, system, children_user, children_system (children that were waited for)
+    for child in me.children(recursive=True):
+        try:
+            ours += sum(child.cpu_times()[:2])
+        except psutil.Error:  # it exited between listing and reading
+            pass
+    return dict(time=time.monotonic(), total=total, idle=idle, steal=steal, ours=ours)
+
+
+def load_between(start: dict, end: dict) -> dict:
+    """What other processes did to the machine between two snapshots: the CPUs they kept busy on average and the
+    share of CPU time the hypervisor stole, with the load average at the end."""
+    wall = max(end["time"] - start["time"], 1e-9)
+    total = end["total"] - start["total"]
+    steal = end["steal"] - start["steal"]
+    busy = total - (end["idle"] - start["idle"]) - steal
+    others = min(max(busy - (end["ours"] - start["ours"]), 0.0), total)
+    total = max(total, 1e-9)
+    # CPUs from the share of the machine's CPU time rather than from wall time: the two clocks are read apart
+    return dict(seconds=wall, other_cpus=others / total * (os.cpu_count() or 1), steal_share=steal / total,
+                load_average=list(os.getloadavg()))
+
+
+def sample_load(seconds: float) -> dict:
+    """The machine's load over the next `seconds`, while this process waits."""
+    start = cpu_snapshot()
+    time.sleep(seconds)
+    return load_between(start, cpu_snapshot())
+
+
+def is_busy(load: dict, cpus: int) -> bool:
+    return load["other_cpus"] >= BUSY_SHARE * cpus or load["steal_share"] >= BUSY_SHARE / 5
+
+
+# --------------------------------------------------------------------------------------------- measurement
+
+
+def measure_grid_point(settings: list[dict], rounds: int, progress) -> tuple[list[dict], list[dict]]:
+    """Measures the settings of one (batch, beams, new tokens) point, one per attention, in paired rounds.
+
+    Workers are started one after another (loading and the encoder are not compared), then every round asks each
+    live worker for one measurement, in rotated order. Returns (one record per setting, one log entry per round).
+    """
+    attentions = [s["attention"] for s in settings]
+    workers, errors, measured, log = {}, {}, {a: [] for a in attentions}, []
+    try:
+        for setting in settings:
+            progress.set_postfix_str(f"starting {setting['attention']} b={setting['batch_size']}")
+            try:
+                workers[setting["attention"]] = Worker(setting)
+            except WorkerError as error:
+                errors[setting["attention"]] = str(error)
+        for round_index in range(rounds):
+            order = rotated(attentions, round_index)
+            progress.set_postfix_str(f"b={settings[0]['batch_size']} beams={settings[0]['num_beams']} "
+                                     f"n={settings[0]['new_tokens']} round {round_index + 1}/{rounds}")
+            start = cpu_snapshot()
+            for attention in order:
+                if attention not in workers:
+                    continue
+                try:
+                    measured[attention].append(workers[attention].ask({"round": round_index}))
+                except WorkerError as error:  # a setting that fails mid-way has no speed figures at all
+                    errors[attention] = str(error)
+                    workers.pop(attention).close()
+            log.append(dict(batch_size=settings[0]["batch_size"], num_beams=settings[0]["num_beams"],
+                            new_tokens=settings[0]["new_tokens"], round=round_index, order=order,
+                            **load_between(start, cpu_snapshot())))
+            progress.update()
+        records = []
+        for setting in settings:
+            attention = setting["attention"]
+            keys = {k: setting[k] for k in ("attention", "batch_size", "num_beams", "new_tokens")}
+            if attention in errors:
+                records.append({**keys, "error": errors[attention]})
+                continue
+            worker = workers[attention]
+            try:
+                final = worker.ask({"stop": True})
+            except WorkerError as error:
+                records.append({**keys, "error": str(error)})
+                continue
+            records.append(summarise(keys, worker.started, final, measured[attention]))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return records, log
+
+
+def summarise(keys: dict, started: dict, final: dict, rounds: list[dict]) -> dict:
+    """One setting's record: its constants, and each speed figure as the median over rounds with min and max."""
+    record = {**keys, **final, "encoder_s": started["encoder_s"], "rounds": rounds}
+    for metric in ("decode_tokens_per_s", "decode_tokens_per_cpu_s", "decode_step_ms", "first_step_s"):
+        values = [r[metric] for r in rounds]
+        if None in values:  # CPU time is not measured on a GPU
+            continue
+        record.update({metric: statistics.median(values), f"{metric}_min": min(values), f"{metric}_max": max(values)})
+    return record
+
+
+def paired_ratios(records: list[dict]) -> list[dict]:
+    """MLA/MHA ratios of decode tokens/s (wall clock, and per CPU-second on a CPU) and of first-step time, each
+    computed within a round (the MHA and MLA measurements of the same round, seconds apart) and summarised by the
+    median, min, max and spread over the rounds."""
+    by_key = {(r["batch_size"], r["num_beams"], r["new_tokens"], r["attention"]): r
+              for r in records if "error" not in r}
+    ratios = []
+    for batch, beams, new_tokens in sorted({k[:3] for k in by_key}, key=lambda k: (k[1], k[2], k[0])):
+        mha = by_key.get((batch, beams, new_tokens, "mha"))
+        for attention in ATTENTIONS[1:]:
+            mla = by_key.get((batch, beams, new_tokens, attention))
+            if mha is None or mla is None:
+                continue
+            mha_rounds = {r["round"]: r for r in mha["rounds"]}
+            for metric in METRIC_LABELS:
+                if any(r.get(metric) is None for r in mla["rounds"] + mha["rounds"]):
+                    continue  # CPU time on a GPU
+                values = [r[metric] / mha_rounds[r["round"]][metric] for r in mla["rounds"]]
+                median = statistics.median(values)
+                spread = (max(values) - min(values)) / median
+                ratios.append(dict(batch_size=batch, num_beams=beams, new_tokens=new_tokens, attention=attention,
+                                   metric=metric, median=median, min=min(values), max=max(values), spread=spread,
+                                   steady=spread <= SPREAD_LIMIT, rounds=values))
+    return ratios
+
+
+
+
+def describe_ratio(ratio: dict) -> str:
+    """e.g. 'decode tok/s mla-absorbed/MHA at batch 16, beams 1, 32 new tokens: 1.54x (1.50-1.58 over 5 rounds)'."""
+    return (f"{METRIC_LABELS[ratio['metric']]} {ratio['attention']}/MHA at batch {ratio['batch_size']}, beams "
+            f"{ratio['num_beams']}, {ratio['new_tokens']} new tokens: {ratio['median']:.2f}x ({ratio['min']:.2f}-"
+            f"{ratio['max']:.2f} over {len(ratio['rounds'])} rounds)")
+
+
+def run_warnings(ratios: list[dict], load: dict, num_threads: int, device: str) -> list[str]:
+    """Plain sentences for results.md and the terminal: unsteady ratios, a busy machine, an active test hook."""
+    cpus = os.cpu_count()
+    warnings = [f"Unsteady: {describe_ratio(r)}, spread {r['spread']:.1%} > {SPREAD_LIMIT:.0%}; do not quote it."
+                for r in ratios if not r["steady"]]
+    busy = [when for when in ("before", "during") if is_busy(load[when], cpus)]
+    if busy and device == "cpu":
+        warnings.append(
+            f"The machine was busy ({' and '.join(busy)} the measurement): other processes kept "
+            f"{load['before']['other_cpus']:.1f} of {cpus} CPUs busy before it and {load['during']['other_cpus']:.1f} "
+            f"on average during it (steal {load['during']['steal_share']:.0%}). Pairing within rounds cancels much of "
+            "this, but absolute tokens/s are low and ratios can shift; quote figures from an idle machine."
+        )
+    if warnings:
+        threads = "" if num_threads == 1 or device != "cpu" else f"--num_threads 1 (this run: {num_threads}), "
+        warnings.append(f"For figures to quote: {threads}more --rounds, and an idle machine.")
+    if os.environ.get(SLOW_ENV):
+        warnings.append(f"{SLOW_ENV}={os.environ[SLOW_ENV]} slowed a worker on purpose: a test run, not figures.")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -325,81 +651,98 @@ def machine_description(device: str) -> str:
     return f"{name} ({os.cpu_count()} CPUs)"
 
 
-def fmt(value, spec: str, unit: str = "") -> str:
-    return "n/a" if value is None else format(value, spec) + unit
+def median_range(record: dict, metric: str, spec: str) -> str:
+    """'median (min-max)' of a speed figure over the rounds."""
+    return f"{record[metric]:{spec}} ({record[f'{metric}_min']:{spec}}-{record[f'{metric}_max']:{spec}})"
 
 
-def get(record: dict, key: str, scale: float = 1.0):
-    """record[key] / scale, or None where the measurement is missing or failed."""
-    return record[key] / scale if record.get(key) is not None else None
+def ratio_cell(ratio: dict | None) -> str:
+    if ratio is None:
+        return "-"
+    flag = "" if ratio["steady"] else f" ⚠ spread {ratio['spread']:.1%}"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}){flag}"
 
 
-def ratio(numerator, denominator):
-    return numerator / denominator if numerator is not None and denominator else None
+def load_line(load: dict) -> str:
+    cpus = os.cpu_count()
+    return (f"other processes {load['other_cpus']:.2f} of {cpus} CPUs, steal {load['steal_share']:.0%}, load average "
+            + "/".join(f"{x:.2f}" for x in load["load_average"]) + f" ({load['seconds']:.0f} s)")
 
 
-def encoder_first_step_s(record: dict):
-    return record["encoder_s"] + record["first_step_s"] if "encoder_s" in record else None
-
-
-def ratio_cells(mha: dict, naive: dict, absorbed: dict, int8: dict) -> list[str]:
-    """Markdown cells of one setting: MHA and MLA values and their MLA/MHA ratios."""
-
-    def reduction(record):
-        cache_ratio = ratio(get(record, "cache_bytes"), get(mha, "cache_bytes"))
-        return fmt(None if cache_ratio is None else 100 * (1 - cache_ratio), ".1f", "%")
-
-    return [
-        fmt(get(mha, "cache_bytes", MIB), ".1f"), fmt(get(absorbed, "cache_bytes", MIB), ".1f"),
-        reduction(absorbed), reduction(int8),
-        fmt(get(mha, "peak_memory_bytes", MIB), ".0f"), fmt(get(absorbed, "peak_memory_bytes", MIB), ".0f"),
-        *(fmt(ratio(get(r, "peak_memory_bytes"), get(mha, "peak_memory_bytes")), ".2f") for r in (absorbed, naive, int8)),
-        *(fmt(get(r, "decode_tokens_per_s"), ".1f") for r in (mha, absorbed)),
-        *(fmt(ratio(get(r, "decode_tokens_per_s"), get(mha, "decode_tokens_per_s")), ".2f", "x")
-          for r in (absorbed, naive, int8)),
-        fmt(ratio(encoder_first_step_s(absorbed), encoder_first_step_s(mha)), ".2f"),
-    ]
-
-
-def markdown_report(records: list[dict], header: dict) -> str:
-    """A table of MLA/MHA ratios per (batch, beams, new tokens), then every record."""
+def markdown_report(results: dict) -> str:
+    """Warnings, a table per (batch, beams, new tokens) and attention with paired MLA/MHA ratios, the rounds' load,
+    then every record."""
+    records, ratios = results["records"], results["ratios"]
+    ratio_of = {(r["batch_size"], r["num_beams"], r["new_tokens"], r["attention"], r["metric"]): r for r in ratios}
     by_key = {(r["batch_size"], r["num_beams"], r["new_tokens"], r["attention"]): r for r in records}
-    lines = [
-        "# Whisper MHA vs MLA benchmark", "", *(f"- {k}: {v}" for k, v in header.items()), "",
+    lines = ["# Whisper MHA vs MLA benchmark", "", *(f"- {k}: {v}" for k, v in results["header"].items()), ""]
+    if results["warnings"]:
+        lines += ["## Warnings", "", *(f"- {w}" for w in results["warnings"]), ""]
+    lines += [
         "Cache: bytes the decoder cache holds after generation (self + cross attention, all layers; beam search keeps "
-        "batch x beams sequences). Peak: peak memory of a fresh process per setting, weights included. tok/s: "
-        "returned tokens per second over the decoding steps after the first. enc+1st: encoder pass plus first "
-        "decoding step. abs: MLA, absorbed path; naive: MLA, latent expanded to keys and values; int8: absorbed "
-        "path with the int8 latent cache.", "",
-        "| batch | beams | new tokens | cache MHA MiB | cache abs MiB | cache reduction abs | cache reduction int8 "
-        "| peak MHA MiB | peak abs MiB | peak abs/MHA | peak naive/MHA | peak int8/MHA | tok/s MHA | tok/s abs "
-        "| tok/s abs/MHA | tok/s naive/MHA | tok/s int8/MHA | enc+1st abs/MHA |",
-        "|" + "---|" * 18,
+        "batch x beams sequences); reduction against MHA. Peak: peak memory of the setting's own worker process, "
+        "weights included. tok/s: returned tokens per second over the decoding steps after the first, median (min-max) "
+        f"over the rounds. /MHA: the ratio within each round, median (min-max) over the rounds; ⚠ marks a spread "
+        f"(max-min)/median above {SPREAD_LIMIT:.0%}. tok/CPU-s: tokens per CPU-second of the worker (CPU runs), which "
+        "time spent waiting for a core does not change. first step: the first decoding step (cross-attention "
+        "keys/values or latents of the 1500 encoder frames, then one token); a time, so below 1 is faster. naive: "
+        "MLA, latent expanded to keys and values; absorbed: attention over the latent; int8: absorbed with the int8 "
+        "latent cache; shared: one cross-attention latent for all decoder layers (cross_attention_latent shared).",
+        "",
+        "| batch | beams | new tokens | attention | cache MiB | cache reduction | peak MiB | peak /MHA | tok/s "
+        "| tok/s /MHA | tok/CPU-s /MHA | first step /MHA |",
+        "|" + "---|" * 12,
     ]
     for batch, beams, new_tokens in sorted({k[:3] for k in by_key}, key=lambda k: (k[1], k[2], k[0])):
-        mha, naive, absorbed, int8 = (by_key.get((batch, beams, new_tokens, a), {}) for a in ATTENTIONS)
-        cells = [str(batch), str(beams), str(new_tokens), *ratio_cells(mha, naive, absorbed, int8)]
-        lines.append("| " + " | ".join(cells) + " |")
+        mha = by_key.get((batch, beams, new_tokens, "mha"), {})
+        for attention in ATTENTIONS:
+            r = by_key.get((batch, beams, new_tokens, attention))
+            if r is None:
+                continue
+            cells = [str(batch), str(beams), str(new_tokens), attention]
+            if "error" in r:
+                reason = r["error"].strip().splitlines()[-1][:100] if r["error"].strip() else "no output"
+                lines.append("| " + " | ".join(cells) + f" | failed: {reason} |" + " |" * 7)
+                continue
+            has_mha = bool(mha) and "error" not in mha
+            cells += [
+                f"{r['cache_bytes'] / MIB:.1f}",
+                f"{100 * (1 - r['cache_bytes'] / mha['cache_bytes']):.1f}%" if has_mha else "-",
+                f"{r['peak_memory_bytes'] / MIB:.0f}",
+                f"{r['peak_memory_bytes'] / mha['peak_memory_bytes']:.2f}" if has_mha else "-",
+                median_range(r, "decode_tokens_per_s", ".1f"),
+                ratio_cell(ratio_of.get((batch, beams, new_tokens, attention, "decode_tokens_per_s"))),
+                ratio_cell(ratio_of.get((batch, beams, new_tokens, attention, "decode_tokens_per_cpu_s"))),
+                ratio_cell(ratio_of.get((batch, beams, new_tokens, attention, "first_step_s"))),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Rounds", "", "Load over each round: CPUs other processes kept busy (this run's own excluded), "
+              "the share of CPU time stolen by the hypervisor, the load average at its end.", "",
+              "| batch | beams | new tokens | round | order | seconds | other CPUs | steal | load average |",
+              "|" + "---|" * 9]
+    for r in results["rounds"]:
+        lines.append(f"| {r['batch_size']} | {r['num_beams']} | {r['new_tokens']} | {r['round'] + 1} | "
+                     f"{', '.join(r['order'])} | {r['seconds']:.1f} | {r['other_cpus']:.2f} | {r['steal_share']:.0%} "
+                     f"| {'/'.join(f'{x:.2f}' for x in r['load_average'])} |")
     lines += ["", "## All records", "",
               "| attention | batch | beams | new tokens | cache self B | cache cross B | values/token/layer self, "
               "cross | peak MiB | encoder s | first step s | decode step ms | tok/s |", "|" + "---|" * 12]
     for r in records:
         if "error" in r:
-            reason = r["error"].strip().splitlines()[-1][:100] if r["error"].strip() else "no output"
-            lines.append(f"| {r['attention']} | {r['batch_size']} | {r['num_beams']} | {r['new_tokens']} | "
-                         f"failed: {reason} |" + " |" * 7)
-            continue
+            continue  # listed in the table above
         lines.append(
             f"| {r['attention']} | {r['batch_size']} | {r['num_beams']} | {r['new_tokens']} | {r['cache_bytes_self']} "
             f"| {r['cache_bytes_cross']} | {r['values_per_token_per_layer_self']:g}, "
             f"{r['values_per_token_per_layer_cross']:g} | {r['peak_memory_bytes'] / MIB:.0f} | {r['encoder_s']:.2f} "
-            f"| {r['first_step_s']:.3f} | {r['decode_step_ms']:.1f} | {r['decode_tokens_per_s']:.1f} |"
+            f"| {median_range(r, 'first_step_s', '.3f')} | {median_range(r, 'decode_step_ms', '.1f')} "
+            f"| {median_range(r, 'decode_tokens_per_s', '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_versus_batch_size(records: list[dict], metric: str, ylabel: str, path: str, scale: float = 1.0) -> None:
-    """One panel per new-token count; a line per attention (colour) and beam count (line style)."""
+    """One panel per new-token count; a line per attention (colour) and beam count (line style); error bars show
+    the range over the rounds where the metric has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,15 +753,19 @@ def plot_versus_batch_size(records: list[dict], metric: str, ylabel: str, path: 
         return
     new_tokens = sorted({r["new_tokens"] for r in ok})
     batch_sizes = sorted({r["batch_size"] for r in ok})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(new_tokens), figsize=(5 * len(new_tokens), 4.4), squeeze=False)
     fig.suptitle(f"{ok[0]['model']}, {ok[0]['dtype']}, {ok[0]['device_name']}", fontsize=9)
     for ax, n in zip(axes[0], new_tokens):
-        for color, attention in zip(("tab:gray", "tab:orange", "tab:blue", "tab:green"), ATTENTIONS):
+        for color, attention in zip(colors, ATTENTIONS):
             for style, beams in zip(("-", "--", ":", "-."), sorted({r["num_beams"] for r in ok})):
-                points = sorted((r["batch_size"], r[metric] / scale) for r in ok
+                points = sorted((r["batch_size"], r[metric] / scale, r.get(f"{metric}_min", r[metric]) / scale,
+                                 r.get(f"{metric}_max", r[metric]) / scale) for r in ok
                                 if (r["attention"], r["num_beams"], r["new_tokens"]) == (attention, beams, n))
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", color=color, label=f"{attention}, beams={beams}")
+                    x, y, low, high = zip(*points)
+                    ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]],
+                                fmt=style, marker="o", capsize=3, color=color, label=f"{attention}, beams={beams}")
         ax.set(xscale="log", xlabel="batch size", ylabel=ylabel, title=f"{n} new tokens")
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.grid(alpha=0.3)
@@ -428,91 +775,108 @@ def plot_versus_batch_size(records: list[dict], metric: str, ylabel: str, path: 
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------------- main
-
-
-def prepare_models(args: BenchmarkArguments, mla_args: MLAArguments, model_dir: str):
-    """Saves the MHA and MLA models under model_dir/{mha,mla} in the benchmark dtype, so that each worker loads only
-    the one it measures; returns (display name, MLA config, decoder prompt length). The models are freed on return."""
-    mha, mla, name = load_models(args, mla_args)
-    prompt = prompt_length(mha)
-    for kind, model in (("mha", mha), ("mla", mla)):
-        model.to(DTYPES[args.dtype]).save_pretrained(os.path.join(model_dir, kind))
-    return name, mla.config, prompt
-
-
-def write_reports(records: list[dict], header: dict, output_dir: str) -> None:
+def write_reports(results: dict, output_dir: str) -> None:
     """results.json, results.md and the plots."""
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(records, f, indent=1)
+        json.dump(results, f, indent=1)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(markdown_report(records, header))
+        f.write(markdown_report(results))
     for metric, label, name, scale in (
         ("peak_memory_bytes", "peak memory (MiB)", "memory_vs_batch_size.png", MIB),
         ("cache_bytes", "decoder cache (MiB)", "cache_vs_batch_size.png", MIB),
-        ("decode_tokens_per_s", "decode tokens/s", "tokens_per_s_vs_batch_size.png", 1.0),
+        ("decode_tokens_per_s", "decode tokens/s (median, range over rounds)", "tokens_per_s_vs_batch_size.png", 1.0),
     ):
-        plot_versus_batch_size(records, metric, label, os.path.join(output_dir, name), scale=scale)
+        plot_versus_batch_size(results["records"], metric, label, os.path.join(output_dir, name), scale=scale)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_arguments() -> tuple[BenchmarkArguments, MLAArguments]:
+    """The benchmark's arguments and the converter's MLA settings, with the benchmark's kv_lora_rank default."""
+    parser = HfArgumentParser((BenchmarkArguments, MLAArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        with open(sys.argv[1]) as f:
+            return parser.parse_dict({"kv_lora_rank": BENCHMARK_KV_LORA_RANK, **json.load(f)})
+    parser.set_defaults(kv_lora_rank=BENCHMARK_KV_LORA_RANK)  # --help shows it too
+    return parser.parse_args_into_dataclasses()
 
 
 def main():
-    parser = HfArgumentParser((BenchmarkArguments, BenchmarkMLAArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        args, mla_args = parser.parse_json_file(sys.argv[1])
-    else:
-        args, mla_args = parser.parse_args_into_dataclasses()
+    args, mla_args = parse_arguments()
 
-    # 1. Check the arguments before any expensive work.
+    # 1. Check the arguments before any expensive work; note the machine's load before this run adds to it.
     validate_arguments(args, mla_args)
     os.makedirs(args.output_dir, exist_ok=True)
     transformers.logging.set_verbosity_error()
+    load_before = sample_load(2.0)
+    started = cpu_snapshot()
 
     with tempfile.TemporaryDirectory() as model_dir:
-        # 2. Load (or build) the MHA model, convert it to MLA (or load that too) and save both for the workers.
-        model_name, mla_config, prompt = prepare_models(args, mla_args, model_dir)
+        # 2. Load (or build) the MHA model, convert it to MLA (or load that too) and save them for the workers.
+        model_name, folders, mla_configs, prompt, max_new_tokens = prepare_models(args, mla_args, model_dir)
+        mla = {a: describe_mla(config) for a, config in mla_configs.items()}
 
         # 3. The grid, with generated lengths capped at what max_target_positions leaves after the prompt.
-        new_tokens = sorted({min(n, mla_config.max_target_positions - prompt) for n in args.new_tokens})
-        settings = [
-            dict(model_dir=os.path.join(model_dir, "mha" if attention == "mha" else "mla"), attention=attention,
-                 batch_size=batch, num_beams=beams, new_tokens=n, repeats=args.repeats, device=args.device,
-                 dtype=args.dtype, attn_implementation=args.attn_implementation, num_threads=args.num_threads,
-                 share=args.share_cross_latent_across_beams, seed=args.seed)
-            for beams in args.num_beams for n in new_tokens for batch in args.batch_sizes
-            for attention in args.attentions
-        ]
-
-        # 4. Measure every setting in a fresh process; partial results are saved as they come.
+        new_tokens = sorted({min(n, max_new_tokens) for n in args.new_tokens})
+        grid = [(batch, beams, n) for beams in args.num_beams for n in new_tokens for batch in args.batch_sizes]
         common = dict(model=model_name, device=args.device, device_name=machine_description(args.device),
-                      dtype=args.dtype, kv_lora_rank=mla_config.kv_lora_rank, kept_key_dims=mla_config.kept_key_dims,
-                      mla_targets=mla_config.mla_targets, torch_version=torch.__version__,
-                      transformers_version=transformers.__version__)
-        records = []
-        for setting in (progress := tqdm(settings, desc="benchmark", unit="setting")):
-            progress.set_postfix_str(f"{setting['attention']} b={setting['batch_size']} beams={setting['num_beams']} "
-                                     f"n={setting['new_tokens']}")
-            records.append({**common, **measure_in_subprocess(setting)})
-            with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-                json.dump(records, f, indent=1)
+                      dtype=args.dtype, torch_version=torch.__version__, transformers_version=transformers.__version__)
+        layouts = {}  # cross-attention layout: the variants that have it and the settings they share
+        for attention, settings in mla.items():
+            layouts.setdefault(json.dumps(settings), []).append(attention)
+        header = {
+            "command": f"`python run_benchmark.py {' '.join(sys.argv[1:])}`",
+            "model": model_name,
+            "device": f"{args.device}: {common['device_name']}, torch threads per worker: {args.num_threads}",
+            "dtype": args.dtype,
+            "attention kernel (MHA, naive MLA)": args.attn_implementation,
+            "MLA": "; ".join(
+                f"{', '.join(names)}: {', '.join(s['mla_targets'])}, kv_lora_rank {s['kv_lora_rank']}, kept_key_dims "
+                f"{s['kept_key_dims']}, " + (f"one cross latent of width {s['shared_cross_rank']} for all layers"
+                                             if s["shared_cross_rank"] else "a cross latent per layer")
+                for settings, names in layouts.items() for s in [json.loads(settings)]
+            ) + f"; beams share the cross latent: {args.share_cross_latent_across_beams}",
+            "input": f"30 s of random log-mel features, {prompt}-token decoder prompt, forced generated length",
+            "timing": f"{args.rounds} rounds; in each, every setting's worker runs {args.repeats} timed generation(s) "
+                      "in an order rotated from round to round; ratios are paired within a round; encoder timed once "
+                      "per setting",
+            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        }
+        results = dict(header=header, run=dict(vars(args), mla=dataclasses.asdict(mla_args), command=sys.argv[1:],
+                                               cpu_count=os.cpu_count(), spread_limit=SPREAD_LIMIT),
+                       load=dict(before=load_before), records=[], ratios=[], rounds=[], warnings=[])
 
-    # 5. Report: results.json, the Markdown table of MLA/MHA ratios, the plots.
-    threads = "/".join(sorted({str(r["num_threads"]) for r in records if "num_threads" in r}))
-    header = {
-        "command": f"`python run_benchmark.py {' '.join(sys.argv[1:])}`",
-        "model": model_name,
-        "device": f"{args.device}: {common['device_name']}" + (f", torch threads: {threads}" if threads else ""),
-        "dtype": args.dtype,
-        "attention kernel (MHA, naive MLA)": args.attn_implementation,
-        "MLA": f"{', '.join(mla_config.mla_targets)}; kv_lora_rank {mla_config.kv_lora_rank}, "
-               f"kept_key_dims {mla_config.kept_key_dims}; beams share the cross latent: "
-               f"{args.share_cross_latent_across_beams}",
-        "input": f"30 s of random log-mel features, {prompt}-token decoder prompt, forced generated length",
-        "timing": f"medians of {args.repeats} generations after a warm-up; encoder timed once per setting",
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-    }
-    write_reports(records, header, args.output_dir)
-    failed = sum("error" in r for r in records)
-    print(f"Wrote {len(records)} records ({failed} failed) to {args.output_dir}: results.json, results.md, plots.")
+        # 4. Measure each grid point in paired rounds, a fresh worker per setting; results are saved as they come.
+        with tqdm(total=len(grid) * args.rounds, desc="benchmark", unit="round") as progress:
+            for batch, beams, n in grid:
+                settings = [
+                    dict(model_dir=folder, attention=attention,
+                         batch_size=batch, num_beams=beams, new_tokens=n, repeats=args.repeats, device=args.device,
+                         dtype=args.dtype, attn_implementation=args.attn_implementation,
+                         num_threads=args.num_threads, share=args.share_cross_latent_across_beams, seed=args.seed)
+                    for attention, folder in folders.items()
+                ]
+                records, log = measure_grid_point(settings, args.rounds, progress)
+                results["records"] += [{**common, **mla.get(r["attention"], {}), **r} for r in records]
+                results["rounds"] += log
+                with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+
+    # 5. Ratios within rounds, the load during the run, the warnings; then results.json, results.md and plots.
+    results["load"]["during"] = load_between(started, cpu_snapshot())
+    results["ratios"] = paired_ratios(results["records"])
+    results["warnings"] = run_warnings(results["ratios"], results["load"], args.num_threads, args.device)
+    header["load"] = f"before: {load_line(results['load']['before'])}; during: {load_line(results['load']['during'])}"
+    write_reports(results, args.output_dir)
+    for ratio in results["ratios"]:
+        if ratio["metric"] != "first_step_s":
+            print(describe_ratio(ratio) + ("" if ratio["steady"] else f"  <- spread {ratio['spread']:.1%}"))
+    for warning in results["warnings"]:
+        print(f"WARNING: {warning}")
+    failed = sum("error" in r for r in results["records"])
+    print(f"Wrote {len(results['records'])} records ({failed} failed) to {args.output_dir}: results.json, results.md, "
+          "plots.")
 
 
 if __name__ == "__main__":
