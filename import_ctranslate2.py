@@ -45,6 +45,8 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from whisper_mla.io import atomic_output_dir
+
 
 logger = logging.getLogger(__name__)
 
@@ -682,10 +684,16 @@ def import_ctranslate2(
         raise RuntimeError("Expected proj_out to share the decoder embedding after loading, but it does not.")
     model.generation_config = generation_config
 
-    # 4. Save model, processor and provenance (only now is an existing output_dir cleared).
-    if non_empty:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # 4. Save model, processor and provenance into a temporary sibling, swapped in at the end: an existing output_dir
+    # is replaced as a whole, and a killed import leaves the old folder or the new one, never a mix.
+    with atomic_output_dir(str(output_dir), overwrite, flag="--overwrite") as tmp_dir:
+        save_import(model, tokenizer, config, ct2, ct2_dir, parts, Path(tmp_dir))
+    logger.info("Imported %s into %s", ct2_dir, output_dir)
+    return str(output_dir)
+
+
+def save_import(model, tokenizer, config, ct2, ct2_dir: Path, parts: list, output_dir: Path) -> None:
+    """Writes the imported model, its processor and the provenance file `IMPORT_INFO_FILE` into `output_dir`."""
     model.save_pretrained(output_dir)
     feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(output_dir)
@@ -701,8 +709,6 @@ def import_ctranslate2(
         "importer_version": IMPORTER_VERSION,
     }
     (output_dir / IMPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    logger.info("Imported %s (%s) into %s", ct2_dir, ", ".join(stored_dtypes), output_dir)
-    return str(output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------

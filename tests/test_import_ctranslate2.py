@@ -417,3 +417,18 @@ def test_ensure_reimports_a_stale_cache(imported, tmp_path):
     assert not (stale / "left-by-the-old-import.txt").exists()
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["whisper-tiny.en"]  # no temporary folders
     WhisperForConditionalGeneration.from_pretrained(stale)
+
+
+@pytest.mark.real_weights
+def test_overwrite_replaces_the_folder_as_a_whole(tmp_path):
+    """--overwrite replaces an earlier import as a whole: a file the user left there does not survive next to the
+    new checkpoint (no merge), and the folder loads."""
+    from import_ctranslate2 import packaged_model_dirs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    ct2_dir, *extra = packaged_model_dirs("tiny.en")
+    import_ctranslate2(ct2_dir, out, extra, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left behind
