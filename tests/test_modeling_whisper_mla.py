@@ -28,6 +28,18 @@ def greedy(model, input_features, **kwargs):
     return model.generate(input_features, max_new_tokens=12, do_sample=False, **kwargs)
 
 
+@torch.no_grad()
+def incremental_logits(model, x, ids):
+    """Logits of `ids` decoded through the cache: the 2-token prompt at once, then one token per step."""
+    out = model(x, decoder_input_ids=ids[:, :2], use_cache=True)
+    steps = [out.logits]
+    for t in range(2, ids.shape[1]):
+        out = model(encoder_outputs=(out.encoder_last_hidden_state,), decoder_input_ids=ids[:, t : t + 1],
+                    cache=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("targets", TARGETS, ids="+".join)
 @pytest.mark.parametrize("key_selection", ["uniform", "2-norm"])
 def test_full_rank_matches_mha(tiny_mha, noise_audio, targets, key_selection):
@@ -68,13 +80,7 @@ def test_incremental_decoding_equals_full_forward(low_rank_mla, path):
     x, ids = features(batch=2), prompt(model, batch=2)
     with torch.no_grad():
         full = model(x, decoder_input_ids=ids, use_cache=False).logits
-        out = model(x, decoder_input_ids=ids[:, :2], use_cache=True)
-        steps = [out.logits]
-        for t in range(2, ids.shape[1]):
-            out = model(encoder_outputs=(out.encoder_last_hidden_state,), decoder_input_ids=ids[:, t : t + 1],
-                        cache=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(incremental_logits(model, x, ids), full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
