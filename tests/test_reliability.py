@@ -33,16 +33,7 @@ from whisper_mla.io import (
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXTS = ("hello world", "the quick brown fox", "good morning to you")
-MLA_FLAGS = ["--kv_lora_rank", "8", "--kept_key_dims", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_run_finetune import MLA_FLAGS, TEXTS, one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 
 # --------------------------------------------------------------------------------------------- helpers
