@@ -32,8 +32,10 @@ from whisper_mla.io import (
 )
 
 
+from test_run_finetune import MLA_FLAGS, TEXTS, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from test_run_finetune import MLA_FLAGS, TEXTS, one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 
 # --------------------------------------------------------------------------------------------- helpers
