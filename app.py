@@ -39,17 +39,13 @@ from transformers.cache_utils import EncoderDecoderCache  # noqa: E402
 
 import configuration_whisper_mla  # noqa: E402
 import modeling_whisper_mla  # noqa: E402
-from audio_data import SAMPLING_RATE, SpeechDataError, load_audio  # noqa: E402
-from convert_whisper_to_mla import (  # noqa: E402
-    MLAArguments,
-    convert_whisper_to_mla,
-    load_calibration_audio,
-    save_mla_checkpoint,
-)
-from import_ctranslate2 import default_cache_dir, ensure_packaged_model  # noqa: E402
+from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, load_audio  # noqa: E402
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio  # noqa: E402
+from whisper_mla.hub import save_mla_checkpoint  # noqa: E402
+from whisper_mla.packaged_models import default_cache_dir, ensure_packaged_model  # noqa: E402
 from pipeline_whisper_mla import WhisperMLAPipeline  # noqa: E402
-from run_demo import DemoArguments, default_data  # noqa: E402
-from run_eval import load_model_and_processor, resolve_device_and_dtype  # noqa: E402
+from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, ensure_speech_data  # noqa: E402
+from whisper_mla.transcription import load_model_and_processor, resolve_device_and_dtype  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -122,8 +118,8 @@ def default_conversion_dir(mha_model: str, mla_args: MLAArguments) -> Path:
 def ensure_default_mla(mha_model: str | None = None, report=logger.info) -> tuple[str, str]:
     """The embedded default pair: (MHA checkpoint, its MLA conversion with the converter's default settings).
 
-    The conversion is `run_demo.py`'s: the MHA model (default: the packaged tiny.en) and calibration data (the
-    real_train speech) come from `run_demo.default_data`. It runs once; later starts load the cached folder.
+    The conversion is `run_demo.py`'s: the MHA model (default: the packaged tiny.en), the converter's default
+    settings, calibration on the real_train speech. It runs once; later starts load the cached folder.
 
     Args:
         mha_model: an MHA Whisper checkpoint (folder or Hub id), or None for the packaged tiny.en.
@@ -132,11 +128,10 @@ def ensure_default_mla(mha_model: str | None = None, report=logger.info) -> tupl
     Returns:
         (MHA checkpoint, MLA checkpoint folder)
     """
-    demo_args, mla_args = DemoArguments(model_name_or_path=mha_model), MLAArguments()
     report(f"Preparing {mha_model or 'the packaged Whisper tiny.en'} and the calibration speech (the first start "
            "imports and synthesises them: minutes)...")
-    default_data(demo_args, mla_args)
-    mha_model = demo_args.model_name_or_path
+    mha_model = mha_model or ensure_packaged_model("tiny.en")
+    mla_args = MLAArguments(calibration_data=str(ensure_speech_data()[DEFAULT_CALIBRATION_SET]))
     target = default_conversion_dir(mha_model, mla_args)
     if (target / "config.json").is_file():
         return mha_model, str(target)

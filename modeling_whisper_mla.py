@@ -315,6 +315,27 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
         self.max_target_positions = config.max_target_positions
         self.post_init()
 
+    def set_mla_runtime(self, attn_implementation: str | None = None, cache_quantization: str | None = "keep"):
+        """Switches how the converted blocks run, without touching the weights: the one way to change these settings
+        after loading (or pass them to `from_pretrained`). Validated like the config; returns the model.
+
+        Args:
+            attn_implementation: "absorb" (attend over the cached latent in eval mode) or "naive" (expand it to keys
+                and values); None keeps the current one.
+            cache_quantization: None (the model dtype) or "int8"; "keep" keeps the current one.
+        """
+        previous = (self.config.mla_attn_implementation, self.config.mla_cache_quantization)
+        if attn_implementation is not None:
+            self.config.mla_attn_implementation = attn_implementation
+        if cache_quantization != "keep":
+            self.config.mla_cache_quantization = cache_quantization
+        try:
+            self.config.check_mla_settings()
+        except ValueError:
+            self.config.mla_attn_implementation, self.config.mla_cache_quantization = previous
+            raise
+        return self
+
     def shares_cross_latent_across_beams(self) -> bool:
         """Whether beam search caches one cross-attention latent per utterance (every cross block converted)."""
         return self.config.share_cross_latent_across_beams and "decoder_cross" in self.config.mla_targets

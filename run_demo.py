@@ -24,10 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
 
-from audio_data import load_speech_dataset  # noqa: E402
+from whisper_mla.audio import load_speech_dataset  # noqa: E402
 import torch  # noqa: E402
 
-from convert_whisper_to_mla import (  # noqa: E402
+from whisper_mla.conversion import (  # noqa: E402
     MLAArguments,
     calibrated_blocks,
     collect_calibration_statistics,
@@ -36,7 +36,7 @@ from convert_whisper_to_mla import (  # noqa: E402
     mla_config_from_whisper,
 )
 from modeling_whisper_mla import expected_cache_bytes_per_utterance  # noqa: E402
-from run_eval import build_generate_kwargs, evaluate_model, write_predictions  # noqa: E402
+from whisper_mla.transcription import build_generate_kwargs, evaluate_model, write_predictions  # noqa: E402
 
 
 # The converter's default before the shared cross latent: every decoder block with its own latent of 192.
@@ -74,16 +74,15 @@ class DemoArguments:
 def default_data(demo_args: DemoArguments, mla_args: MLAArguments) -> None:
     """Fills in the embedded defaults: the packaged tiny.en and the speech sets built from Debian/PyPI packages."""
     if demo_args.model_name_or_path is None:
-        from import_ctranslate2 import ensure_packaged_model
+        from whisper_mla.packaged_models import ensure_packaged_model
 
         demo_args.model_name_or_path = ensure_packaged_model(demo_args.packaged_model)
     if demo_args.eval_data is None or mla_args.calibration_data is None:
-        from make_speech_data import ensure_speech_data
+        from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, DEFAULT_EVAL_SETS, ensure_speech_data
 
         manifests = ensure_speech_data()
-        demo_args.eval_data = demo_args.eval_data or [
-            str(manifests[name]) for name in ("multi_eval", "multi_eval_long", "real_eval")]
-        mla_args.calibration_data = mla_args.calibration_data or str(manifests["real_train"])
+        demo_args.eval_data = demo_args.eval_data or [str(manifests[name]) for name in DEFAULT_EVAL_SETS]
+        mla_args.calibration_data = mla_args.calibration_data or str(manifests[DEFAULT_CALIBRATION_SET])
 
 
 def eval_name(path: str) -> str:

@@ -12,7 +12,7 @@ original, after the MHA -> MLA conversion.
 
 `--model_name_or_path` is either a Whisper (MHA) checkpoint, converted at start-up with the MLA flags of
 convert_whisper_to_mla.py (calibration included), or a Whisper-MLA checkpoint. `--train_data`/`--eval_data` take
-anything `audio_data.load_speech_dataset` reads (LibriSpeech-layout folder, JSON manifest, save_to_disk or
+anything `whisper_mla.audio.load_speech_dataset` reads (LibriSpeech-layout folder, JSON manifest, save_to_disk or
 audiofolder folder, Hub id with `--train_split`); several training sources are concatenated.
 
 With `--distill` no transcript is used: the teacher (`--teacher_model_name_or_path`, by default the MHA model the
@@ -61,19 +61,12 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperAttention, shift_tokens_right
 
-from audio_data import SAMPLING_RATE, SpeechDataError, as_waveform, drop_undecodable, load_speech_dataset
-from convert_whisper_to_mla import (
-    MLAArguments,
-    convert_whisper_to_mla,
-    copy_remote_code,
-    load_calibration_audio,
-    model_card,
-    register_remote_code,
-    save_mla_checkpoint,
-)
+from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, as_waveform, drop_undecodable, load_speech_dataset
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
+from whisper_mla.hub import copy_remote_code, model_card, register_remote_code, save_mla_checkpoint
 from configuration_whisper_mla import WhisperMLAConfig
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
-from run_eval import build_generate_kwargs, compute_wer, get_normalizer
+from whisper_mla.transcription import build_generate_kwargs, compute_wer, get_normalizer
 from whisper_mla.arguments import check_number, run_cli
 from whisper_mla.io import (
     CheckpointError,

@@ -14,24 +14,21 @@ with `--tokens` decoder tokens, float32, against MHA's float32 cache; `int8` is 
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration
 
-import torch  # noqa: E402
-from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
-
-from audio_data import load_speech_dataset  # noqa: E402
-from convert_whisper_to_mla import (  # noqa: E402
+from whisper_mla.audio import load_speech_dataset
+from whisper_mla.conversion import (
     collect_calibration_statistics,
     convert_whisper_to_mla,
     load_calibration_audio,
 )
-from import_ctranslate2 import ensure_packaged_model  # noqa: E402
-from make_speech_data import ensure_speech_data  # noqa: E402
-from modeling_whisper_mla import expected_cache_bytes_per_utterance  # noqa: E402
-from run_eval import build_generate_kwargs, evaluate_model  # noqa: E402
+from whisper_mla.packaged_models import ensure_packaged_model
+from whisper_mla.speech_data import ensure_speech_data
+from modeling_whisper_mla import expected_cache_bytes_per_utterance
+from whisper_mla.transcription import build_generate_kwargs, evaluate_model
 
 
 @dataclass

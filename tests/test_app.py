@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import app
 from modeling_whisper_mla import expected_cache_bytes_per_token
-from wer_utils import corpus_wer, normalize_english
+from whisper_mla.metrics import corpus_wer, normalize_english
 
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from configuration_whisper_mla import WhisperMLAConfig, uniform_kept_indices
-from convert_whisper_to_mla import convert_whisper_to_mla
+from whisper_mla.conversion import convert_whisper_to_mla
 
 
 SMALL = dict(d_model=16, encoder_attention_heads=2, decoder_attention_heads=2, encoder_layers=1, decoder_layers=2,
@@ -68,9 +68,9 @@ def test_converter_rejects_what_it_cannot_convert(tiny_mha):
 def test_uncalibrated_lossy_conversion_warns(tiny_mha, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="convert_whisper_to_mla"):
+    with caplog.at_level(logging.WARNING, logger="whisper_mla.conversion"):
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=16, kept_key_dims=2)  # full rank, shared cross at d_model
     assert "without calibration" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="convert_whisper_to_mla"):
+    with caplog.at_level(logging.WARNING, logger="whisper_mla.conversion"):
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2)
     assert "Converting without calibration audio" in caplog.text and "--calibration_data" in caplog.text

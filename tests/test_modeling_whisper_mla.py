@@ -7,7 +7,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from convert_whisper_to_mla import convert_whisper_to_mla
+from whisper_mla.conversion import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAAttention, cache_nbytes, expected_cache_bytes_per_token
 
 

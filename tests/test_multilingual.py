@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
-from audio_data import load_audio, load_speech_dataset
-from convert_whisper_to_mla import convert_whisper_to_mla
-from import_ctranslate2 import ensure_packaged_model
-from wer_utils import corpus_wer, normalize_english
+from whisper_mla.audio import load_audio, load_speech_dataset
+from whisper_mla.conversion import convert_whisper_to_mla
+from whisper_mla.packaged_models import ensure_packaged_model
+from whisper_mla.metrics import corpus_wer, normalize_english
 
 
 pytestmark = pytest.mark.real_weights
@@ -51,7 +51,7 @@ def mla(mha):
 def real_eval():
     # Only the real sets are needed: build_real_sets writes the same real_eval.json as ensure_speech_data(),
     # without synthesising the synthetic training set.
-    from make_speech_data import build_real_sets, default_output_dir
+    from whisper_mla.speech_data import build_real_sets, default_output_dir
 
     build_real_sets(default_output_dir())
     return list(load_speech_dataset(default_output_dir() / "real_eval.json"))

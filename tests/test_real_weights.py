@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import WhisperForConditionalGeneration
 
-from audio_data import load_speech_dataset
-from convert_whisper_to_mla import MLAArguments, convert_whisper_to_mla, load_calibration_audio, save_mla_checkpoint
-from run_eval import evaluate_model
-from wer_utils import normalize_english
+from whisper_mla.audio import load_speech_dataset
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
+from whisper_mla.hub import save_mla_checkpoint
+from whisper_mla.transcription import evaluate_model
+from whisper_mla.metrics import normalize_english
 
 
 pytestmark = pytest.mark.real_weights
@@ -23,7 +24,7 @@ DEFAULT_WER_REGRESSION_BOUND = 2.5
 
 @pytest.fixture(scope="module")
 def speech():
-    from make_speech_data import ensure_speech_data
+    from whisper_mla.speech_data import ensure_speech_data
 
     return ensure_speech_data()
 
@@ -56,7 +57,7 @@ def test_full_rank_transcribes_exactly_like_mha(tiny_en, tiny_en_processor, eval
 def test_shared_cross_latent_at_full_width_is_exact(model_name, eval_clips):
     """The encoder output as the one cross latent of every layer: MHA's logits (1e-4) and tokens, greedy and beam,
     on real weights and recorded speech; the cross cache is d_model values per frame, once."""
-    from import_ctranslate2 import ensure_packaged_model
+    from whisper_mla.packaged_models import ensure_packaged_model
     from transformers import AutoProcessor
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -124,7 +125,7 @@ def test_default_settings_keep_wer(tiny_en, tiny_en_processor, speech):
 def test_batched_calibration_counts_only_what_the_decoder_reads(tiny_en, tiny_en_processor, speech):
     """Clips of different lengths in one batch: the statistics equal those of one clip at a time (padding after a
     transcript's end is left out), and the decoder positions counted are the prompt plus each transcript."""
-    from convert_whisper_to_mla import collect_calibration_statistics, decoder_input_mask
+    from whisper_mla.conversion import collect_calibration_statistics, decoder_input_mask
 
     audios = load_calibration_audio(speech["real_train"], 5)
     names = ["decoder.layers.0.self_attn", "decoder.layers.3.encoder_attn"]

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import run_eval
+from whisper_mla import transcription
 import run_finetune
-from audio_data import LazyAudio, SpeechDataError, load_audio, load_speech_dataset
+from whisper_mla.audio import LazyAudio, SpeechDataError, load_audio, load_speech_dataset
 from whisper_mla.arguments import check_number
 from whisper_mla.io import (
     CheckpointError,
@@ -280,7 +281,7 @@ def test_run_eval_overwrite_never_deletes_a_model_folder(tiny_checkpoint_dirs, c
 
 def test_run_eval_failing_mid_evaluation_writes_nothing(tiny_checkpoint_dirs, clips, tmp_path, monkeypatch):
     mha_dir, mla_dir = tiny_checkpoint_dirs
-    evaluate = run_eval.evaluate_model
+    evaluate = transcription.evaluate_model
     calls = []
 
     def fail_on_the_baseline(*args, **kwargs):
@@ -501,12 +502,12 @@ def test_unknown_language_of_a_multilingual_model(tiny_mha):
     model.generation_config = copy.deepcopy(tiny_mha.generation_config)
     model.generation_config.is_multilingual = True
     model.generation_config.lang_to_id = {"<|en|>": 50259, "<|de|>": 50261}
-    assert run_eval.build_generate_kwargs(model, language="German")["language"] == "German"
+    assert transcription.build_generate_kwargs(model, language="German")["language"] == "German"
     with pytest.raises(ValueError, match=r"--language expects a language .* knows .*, but found 'klingon'; pick one "
                                          r"of de, en\."):
-        run_eval.build_generate_kwargs(model, language="klingon")
+        transcription.build_generate_kwargs(model, language="klingon")
     with pytest.raises(ValueError, match="but found 'fr'; pick one of de, en"):  # a Whisper language, not this model's
-        run_eval.build_generate_kwargs(model, language="fr")
+        transcription.build_generate_kwargs(model, language="fr")
 
 
 def test_english_only_student_takes_no_language_prompt(tiny_checkpoint_dirs, clips, tmp_path):

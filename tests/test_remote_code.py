@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from convert_whisper_to_mla import convert_whisper_to_mla, main as convert_main, save_mla_checkpoint
+from whisper_mla.conversion import convert_whisper_to_mla
+from convert_whisper_to_mla import main as convert_main
+from whisper_mla.hub import save_mla_checkpoint
 
 
 PROJECT_MODULES = ["configuration_whisper_mla", "modeling_whisper_mla", "pipeline_whisper_mla",
-                   "convert_whisper_to_mla", "import_ctranslate2", "audio_data", "run_eval", "run_finetune", "whisper_mla"]
+                   "convert_whisper_to_mla", "import_ctranslate2", "run_eval", "run_finetune", "whisper_mla"]
 
 # Runs first in the fresh process: any import of a project module fails, so only the checkpoint's own code is used.
 BLOCK_PROJECT = f"""

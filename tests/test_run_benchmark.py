@@ -19,11 +19,21 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import run_benchmark
 from configuration_whisper_mla import WhisperMLAConfig
-from convert_whisper_to_mla import convert_whisper_to_mla, save_mla_checkpoint
+from whisper_mla.conversion import convert_whisper_to_mla
+from whisper_mla.hub import save_mla_checkpoint
 from modeling_whisper_mla import expected_cache_bytes_per_token
-from run_benchmark import (
-    ATTENTIONS, AUDIO_FRAMES, BENCHMARK_KV_LORA_RANK, SIZES, SLOW_ENV, SPREAD_LIMIT, load_between, paired_ratios,
-    rotated, run_warnings, timed_generate,
+from whisper_mla.benchmark import (
+    ATTENTIONS,
+    AUDIO_FRAMES,
+    BENCHMARK_KV_LORA_RANK,
+    SIZES,
+    SLOW_ENV,
+    SPREAD_LIMIT,
+    load_between,
+    paired_ratios,
+    rotated,
+    run_warnings,
+    timed_generate,
 )
 
 

@@ -7,7 +7,7 @@ import run_demo
 
 
 def test_demo_writes_table_json_and_png(tiny_mha, tiny_en_processor, tmp_path, monkeypatch):
-    from make_speech_data import build_real_sets, default_output_dir
+    from whisper_mla.speech_data import build_real_sets, default_output_dir
 
     build_real_sets(default_output_dir())  # real speech only; cheap once built
     speech = default_output_dir()

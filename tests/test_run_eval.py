@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import run_eval
-from audio_data import SpeechDataError
+from whisper_mla import transcription
+from whisper_mla.audio import SpeechDataError
 
 
 KV_LORA_RANK, KEPT_KEY_DIMS = 8, 2  # of conftest's tiny_checkpoint_dirs
@@ -25,7 +26,7 @@ def write_manifest(folder, entries: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def speech_dir(tmp_path_factory):
-    """Three espeak-ng clips (22.05 kHz WAV, resampled to 16 kHz by audio_data) and a manifest of them."""
+    """Three espeak-ng clips (22.05 kHz WAV, resampled to 16 kHz by whisper_mla.audio) and a manifest of them."""
     folder = tmp_path_factory.mktemp("speech")
     for index, text in enumerate(TEXTS):
         subprocess.run(["espeak-ng", "-w", str(folder / f"clip{index}.wav"), text], check=True, capture_output=True)
@@ -113,7 +114,7 @@ def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_en
     monkeypatch.setattr(run_eval, "transcribe", lambda *args, **kwargs: (hypotheses, 7, 2.0))
     dataset = [{"id": str(i), "audio": np.zeros(16000, np.float32), "text": text} for i, text in enumerate(references)]
 
-    results = run_eval.evaluate_model(tiny_mha, tiny_en_processor, dataset)
+    results = transcription.evaluate_model(tiny_mha, tiny_en_processor, dataset)
 
     assert results["wer"] == 100 * 2 / 8
     assert results["wer_ortho"] == 100 * 6 / 8
@@ -124,17 +125,17 @@ def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_en
 
 def test_batch_with_a_clip_over_30s_uses_long_form(tiny_mha, tiny_en_processor):
     clips = [np.zeros(16000 * 35, np.float32), np.zeros(16000, np.float32)]  # 35 s is not truncated to 30 s
-    hypotheses, num_tokens, seconds = run_eval.transcribe(tiny_mha, tiny_en_processor, clips, batch_size=2,
+    hypotheses, num_tokens, seconds = transcription.transcribe(tiny_mha, tiny_en_processor, clips, batch_size=2,
                                                           generate_kwargs={"max_new_tokens": 4})
     assert len(hypotheses) == 2 and num_tokens > 0 and seconds > 0
 
 
 def test_english_only_model_refuses_other_languages(tiny_mha):
-    assert "language" not in run_eval.build_generate_kwargs(tiny_mha, language="English", task="transcribe")
+    assert "language" not in transcription.build_generate_kwargs(tiny_mha, language="English", task="transcribe")
     with pytest.raises(ValueError, match="English-only"):
-        run_eval.build_generate_kwargs(tiny_mha, language="fr")
+        transcription.build_generate_kwargs(tiny_mha, language="fr")
     with pytest.raises(ValueError, match="English-only"):
-        run_eval.build_generate_kwargs(tiny_mha, task="translate")
+        transcription.build_generate_kwargs(tiny_mha, task="translate")
 
 
 # --------------------------------------------------------------------------------------------- bad inputs

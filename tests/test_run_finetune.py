@@ -18,8 +18,8 @@ from safetensors import safe_open
 from transformers import Seq2SeqTrainingArguments
 
 import run_finetune
-from audio_data import SpeechDataError
-from convert_whisper_to_mla import convert_whisper_to_mla
+from whisper_mla.audio import SpeechDataError
+from whisper_mla.conversion import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 
 
@@ -548,7 +548,7 @@ def test_tiny_en_cpu_config_parses():
 def test_real_tiny_en_label_free_recovery_runs(tiny_en_dir, tmp_path):
     """The CPU config on the real tiny.en (converted with calibration), a few label-free steps on real speech: the
     KL to the MHA original falls on a fixed batch, and the checkpoint loads in a fresh process."""
-    from make_speech_data import ensure_speech_data
+    from whisper_mla.speech_data import ensure_speech_data
 
     manifests = ensure_speech_data()
     metrics = run_finetune.main([

@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from configuration_whisper_mla import WhisperMLAConfig
-from convert_whisper_to_mla import convert_whisper_to_mla
+from whisper_mla.conversion import convert_whisper_to_mla
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration, cache_nbytes, expected_cache_bytes_per_token
 from test_modeling_whisper_mla import features, greedy, incremental_logits, prompt
 

@@ -1,4 +1,4 @@
-"""Tests for audio_data.py: every source decodes to 16 kHz mono float32 with the right texts and ids, and
+"""Tests for whisper_mla/audio.py: every source decodes to 16 kHz mono float32 with the right texts and ids, and
 every kind of bad input fails with a message that names it (or is skipped and counted with skip_bad)."""
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from audio_data import SAMPLING_RATE, LazyAudio, SpeechDataError, as_waveform, load_audio, load_speech_dataset
+from whisper_mla.audio import SAMPLING_RATE, LazyAudio, SpeechDataError, as_waveform, load_audio, load_speech_dataset
 
 
 # (sampling rate, tone frequency): every rate is resampled to 16 kHz; tones stay below each Nyquist.

@@ -1,11 +1,8 @@
-"""Word error rate and Whisper's English text normalisation.
-
-`corpus_wer` uses the definition of `evaluate`'s "wer" metric (which wraps jiwer): the word-level
-Levenshtein distance (substitutions + deletions + insertions) summed over all pairs, divided by the total
-number of reference words. `evaluate.load("wer")` needs the Hub, so it is re-implemented here.
+"""Word error rate (jiwer, what `evaluate`'s "wer" metric runs) and Whisper's text normalisation.
 
 `normalize_english` is Whisper's `EnglishTextNormalizer` (from transformers) with the British-to-American
-spelling map that Whisper tokenizers ship as `normalizer.json`.
+spelling map that Whisper tokenizers ship as `normalizer.json`; other languages get Whisper's
+`BasicTextNormalizer`.
 """
 
 import functools
@@ -14,44 +11,30 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+import jiwer
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
 
 logger = logging.getLogger(__name__)
 
-
-def word_edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance between two word sequences: the fewest substitutions, deletions and insertions
-    turning `reference` into `hypothesis`, each costing 1."""
-    # previous[j] = distance between the first i-1 reference words and the first j hypothesis words.
-    previous = list(range(len(hypothesis) + 1))
-    for i, reference_word in enumerate(reference, start=1):
-        current = [i] + [0] * len(hypothesis)
-        for j, hypothesis_word in enumerate(hypothesis, start=1):
-            current[j] = min(
-                previous[j] + 1,  # deletion of reference_word
-                current[j - 1] + 1,  # insertion of hypothesis_word
-                previous[j - 1] + (reference_word != hypothesis_word),  # match or substitution
-            )
-        previous = current
-    return previous[-1]
+ENGLISH = ("en", "english", "<|en|>")
 
 
 def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus-level word error rate, as a fraction (multiply by 100 for a percentage).
+    """Corpus-level word error rate, as a fraction (multiply by 100 for a percentage), computed by jiwer.
 
-    Words are whitespace-separated tokens; apply `normalize_english` to both sides first for Whisper-style
-    scoring. An empty reference is allowed (its hypothesis words all count as insertions) as long as the
-    corpus has at least one reference word.
+    Words are whitespace-separated tokens; normalise both sides first for Whisper-style scoring. An empty
+    reference is allowed (its hypothesis words all count as insertions) as long as the corpus has at least one
+    reference word.
 
     Args:
         references: the ground-truth transcripts.
         hypotheses: the model's transcripts, in the same order.
 
     Returns:
-        sum of word edit distances / sum of reference word counts (can exceed 1 with many insertions).
+        (substitutions + deletions + insertions) / reference words, summed over the corpus (can exceed 1).
 
     Raises:
         ValueError: the two lists differ in length, or the references contain no words at all.
@@ -61,17 +44,36 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
             f"Expected as many hypotheses as references, but found {len(hypotheses)} hypotheses for "
             f"{len(references)} references; pass the lists in matching order."
         )
-    total_edits, total_words = 0, 0
-    for reference, hypothesis in zip(references, hypotheses):
-        reference_words, hypothesis_words = reference.split(), hypothesis.split()
-        total_edits += word_edit_distance(reference_words, hypothesis_words)
-        total_words += len(reference_words)
-    if total_words == 0:
+    if sum(len(reference.split()) for reference in references) == 0:
         raise ValueError(
             f"The {len(references)} references contain no words, so WER is undefined; check that the "
             "transcripts were loaded (and that normalisation did not erase them)."
         )
-    return total_edits / total_words
+    return jiwer.wer(list(references), list(hypotheses))
+
+
+def get_normalizer(language: Optional[str]) -> Callable[[str], str]:
+    """Whisper's English normaliser for English (the default), its basic normaliser for other languages."""
+    if language is None or language.lower() in ENGLISH:
+        return normalize_english
+    return BasicTextNormalizer()
+
+
+def compute_wer(references: list[str], hypotheses: list[str], normalizer=None) -> dict:
+    """Corpus WER x100 after normalisation ("wer") and on the raw text ("wer_ortho"), plus the normalised texts.
+
+    Args:
+        normalizer: text -> text applied to both sides; default `normalize_english`.
+    """
+    normalizer = normalizer or normalize_english
+    references_norm = [normalizer(text) for text in references]
+    hypotheses_norm = [normalizer(text) for text in hypotheses]
+    return {
+        "wer": 100 * corpus_wer(references_norm, hypotheses_norm),
+        "wer_ortho": 100 * corpus_wer(references, hypotheses),
+        "references_normalized": references_norm,
+        "hypotheses_normalized": hypotheses_norm,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Tests for wer_utils.py: corpus WER against hand-counted edits, and Whisper's English normaliser."""
+"""Tests for whisper_mla/metrics.py: corpus WER (jiwer) against hand-counted edits, and Whisper's English normaliser."""
 
 import pytest
 
-from wer_utils import corpus_wer, find_english_spelling_mapping, normalize_english, word_edit_distance
+from whisper_mla.metrics import compute_wer, corpus_wer, find_english_spelling_mapping, get_normalizer, normalize_english
 
 
 # Hand-counted: (reference, hypothesis, substitutions + deletions + insertions, reference words).
@@ -20,9 +20,9 @@ HAND_COUNTED = [
 ]
 
 
-@pytest.mark.parametrize("reference, hypothesis, edits, _", HAND_COUNTED)
-def test_word_edit_distance(reference, hypothesis, edits, _):
-    assert word_edit_distance(reference.split(), hypothesis.split()) == edits
+@pytest.mark.parametrize("reference, hypothesis, edits, words", HAND_COUNTED)
+def test_sentence_wer_hand_counted(reference, hypothesis, edits, words):
+    assert corpus_wer([reference], [hypothesis]) == edits / words
 
 
 def test_corpus_wer_hand_counted():
@@ -36,14 +36,16 @@ def test_corpus_wer_edge_cases():
     assert corpus_wer(["a b"], [""]) == 1.0  # everything deleted
     assert corpus_wer(["a"], ["a b c"]) == 2.0  # insertions can push WER past 1
     assert corpus_wer(["", "a b"], ["x", "a b"]) == 0.5  # an empty reference counts its insertions
-    assert word_edit_distance([], []) == 0
 
 
-def test_corpus_wer_matches_jiwer():
-    jiwer = pytest.importorskip("jiwer")
-    references = ["the quick brown fox", "jumps over", "the lazy dog today", "a"]
-    hypotheses = ["the quack brown fox fox", "jumped", "lazy dog to day", "b c"]
-    assert corpus_wer(references, hypotheses) == pytest.approx(jiwer.wer(references, hypotheses))
+def test_compute_wer_normalises_both_sides():
+    result = compute_wer(["Hello, World!", "The colour is grey."], ["hello world", "the color is gray"])
+    assert result["wer"] == 0.0  # punctuation, case and British spellings do not count
+    assert result["wer_ortho"] == pytest.approx(100 * 5 / 6)  # raw: all but "is" differ
+    assert result["hypotheses_normalized"] == ["hello world", "the color is gray"]
+    basic = get_normalizer("fr")
+    assert basic("Ça va, Monsieur?").strip() == "ça va monsieur"
+    assert get_normalizer("English") is normalize_english
 
 
 def test_corpus_wer_errors():

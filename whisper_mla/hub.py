@@ -1,0 +1,105 @@
+"""Make a folder a loadable Whisper-MLA checkpoint: remote code, auto_map, processor, model card; push it to the Hub."""
+
+import os
+import shutil
+
+
+import configuration_whisper_mla
+from configuration_whisper_mla import WhisperMLAConfig
+from modeling_whisper_mla import (
+    WhisperMLAForConditionalGeneration,
+    expected_cache_bytes_per_token,
+    expected_cache_bytes_per_utterance,
+)
+
+REMOTE_CODE_FILES = ("configuration_whisper_mla.py", "modeling_whisper_mla.py", "pipeline_whisper_mla.py")
+HERE = os.path.dirname(os.path.abspath(configuration_whisper_mla.__file__))  # where the remote-code files are installed
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def copy_remote_code(output_dir: str) -> None:
+    """Copies the files a fresh process needs to load the checkpoint with trust_remote_code=True."""
+    for filename in REMOTE_CODE_FILES:
+        shutil.copyfile(os.path.join(HERE, filename), os.path.join(output_dir, filename))
+
+
+def register_remote_code(config: WhisperMLAConfig) -> None:
+    """Fills `auto_map` and `custom_pipelines` so AutoConfig/AutoModel*/pipeline resolve the shipped code."""
+    config.auto_map = {
+        "AutoConfig": "configuration_whisper_mla.WhisperMLAConfig",
+        "AutoModel": "modeling_whisper_mla.WhisperMLAModel",
+        "AutoModelForSpeechSeq2Seq": "modeling_whisper_mla.WhisperMLAForConditionalGeneration",
+    }
+    config.custom_pipelines = {
+        "automatic-speech-recognition": {
+            "impl": "pipeline_whisper_mla.WhisperMLAPipeline",
+            "pt": ["AutoModelForSpeechSeq2Seq"],
+            "type": "multimodal",
+        }
+    }
+
+
+def save_mla_checkpoint(model: WhisperMLAForConditionalGeneration, processor, output_dir: str, card_text=None) -> None:
+    """Writes weights (safetensors), config with auto_map, remote code, processor, generation config, model card."""
+    register_remote_code(model.config)
+    model.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    copy_remote_code(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write(card_text if card_text is not None else model_card(model))
+
+
+def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> str:
+    """A Hub model card (metadata + MLA settings + cache reduction) built with huggingface_hub's ModelCard."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    mla = expected_cache_bytes_per_token(config, model.dtype)
+    mha = expected_cache_bytes_per_token(config, model.dtype, mha=True)
+    reduction = 100 * (1 - sum(mla.values()) / sum(mha.values()))
+    base = (config.mla_conversion or {}).get("base_model")
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="automatic-speech-recognition",
+        base_model=base if base and not os.path.isdir(base) else None,
+        tags=["whisper", "whisper-mla", "multi-head-latent-attention"],
+    )
+    if config.shares_cross_latent_across_layers():
+        width = config.shared_cross_rank()
+        cross = (f"Cross-attention reads ONE latent of {width} values per encoder frame, cached once for all "
+                 f"{config.decoder_layers} decoder layers" + (" (the encoder output itself: exact)."
+                                                               if width == config.d_model else "."))
+    else:
+        cross = "Each converted cross-attention block caches its own latent."
+    utterance = {name: expected_cache_bytes_per_utterance(config, model.dtype, 100, mha=name == "mha")
+                 for name in ("mha", "mla")}
+    body = f"""
+# Whisper-MLA
+
+This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head latent attention (MLA) in
+{', '.join(config.mla_targets)} attention: a converted block caches one latent of {config.kv_lora_rank} values
+per token plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values. {cross}
+
+| setting | value |
+|---|---|
+| converted blocks | {', '.join(config.mla_targets)} |
+| kv_lora_rank | {config.kv_lora_rank} |
+| cross-attention latent | {config.cross_attention_latent}{f' (width {config.shared_cross_rank()})' if config.shares_cross_latent_across_layers() else ''} |
+| kept key dims per head | {config.kept_key_dims} ({config.key_selection}) |
+| SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')} |
+| decode path | {config.mla_attn_implementation} |
+| decoder cache bytes per decoder token + per encoder frame ({model.dtype}) | {sum(mla.values())} (MHA: {sum(mha.values())}) |
+| cache reduction per token | {reduction:.1f}% |
+| decoder cache of a 30 s utterance with 100 tokens | {utterance['mla'] / 2**20:.2f} MiB (MHA: {utterance['mha'] / 2**20:.2f} MiB, -{100 * (1 - utterance['mla'] / utterance['mha']):.1f}%) |
+
+```python
+from transformers import pipeline
+asr = pipeline("automatic-speech-recognition", model="PATH_OR_REPO", trust_remote_code=True)
+```
+{extra}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+

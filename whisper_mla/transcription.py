@@ -1,0 +1,309 @@
+"""Evaluate a Whisper or Whisper-MLA checkpoint: word error rate, decoder cache size and decode speed.
+
+    python run_eval.py --model_name_or_path out/whisper-small-mla --data test-clean/ --output_dir eval/ \
+        --baseline_model openai/whisper-small --batch_size 16
+
+`--data` is anything `whisper_mla.audio.load_speech_dataset` reads: a LibriSpeech-layout folder, a JSON manifest, a
+`save_to_disk` folder or a Hub dataset id (with `--split`). The script writes `OUTPUT_DIR/predictions.jsonl` (one
+line per utterance) and `OUTPUT_DIR/results.json`; with `--baseline_model` it evaluates a second checkpoint on the
+same data, writes `baseline_predictions.jsonl`, and prints a side-by-side Markdown table.
+
+Every input (numbers, output folder, both checkpoints, data) is checked before any decoding; checkpoints load strictly
+(a missing, extra or wrongly shaped weight is an error, not a random init); the output files appear together, in one
+folder swap at the end, so a failed or killed run leaves OUTPUT_DIR as it was.
+
+Other scripts reuse the evaluation on a model they already hold:
+
+    from run_eval import evaluate_model
+    results = evaluate_model(model, processor, dataset, batch_size=16, generate_kwargs={"num_beams": 1})
+    print(results["wer"])
+"""
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+from whisper_mla.audio import SAMPLING_RATE
+from modeling_whisper_mla import expected_cache_bytes_per_token
+from whisper_mla.metrics import ENGLISH, compute_wer, normalize_english
+from whisper_mla.io import checkpoint_config, from_pretrained_strict
+
+
+logger = logging.getLogger(__name__)
+
+WHISPER_MODEL_TYPES = ("whisper", "whisper_mla")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"--device expects auto, cpu, cuda or cuda:N, but found {device!r}; pick one of those."
+            ) from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} needs CUDA, but found no CUDA device on this machine; pass --device "
+                             "cpu or auto.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device} expects a GPU index below {torch.cuda.device_count()} (the GPUs "
+                             f"found), but found {device.index}; pass one of those.")
+    if dtype == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[dtype]
+
+
+def load_model_and_processor(
+    name_or_path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    mla_cache_quantization: str | None = None,
+    check_only: bool = False,
+):
+    """Loads a Whisper or Whisper-MLA checkpoint (eval mode) and its processor; `mla_cache_quantization` overrides a
+    Whisper-MLA checkpoint's cache precision.
+
+    Remote code is trusted only for checkpoints whose config says model_type "whisper_mla" (the code this project
+    ships with every Whisper-MLA checkpoint); anything that is not Whisper is refused. Loading is strict
+    (`whisper_mla.io.from_pretrained_strict`): missing, unexpected or mis-shaped weights are an error. With
+    `check_only` the model is built on the meta device: every check, no weights read.
+
+    Returns:
+        (model, processor)
+    """
+    model_type = checkpoint_config(name_or_path).get("model_type")
+    if model_type not in WHISPER_MODEL_TYPES:
+        raise ValueError(
+            f"Expected a Whisper or Whisper-MLA checkpoint (model_type in {list(WHISPER_MODEL_TYPES)}) at "
+            f"{name_or_path!r}, but found model_type {model_type!r}; pass a Whisper checkpoint, or convert one with "
+            "convert_whisper_to_mla.py."
+        )
+    trust_remote_code = model_type == "whisper_mla"
+    kwargs = {"dtype": dtype}
+    if mla_cache_quantization is not None and trust_remote_code:
+        kwargs["mla_cache_quantization"] = mla_cache_quantization
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = from_pretrained_strict(AutoModelForSpeechSeq2Seq, name_or_path, check_only=check_only,
+                                   trust_remote_code=trust_remote_code, **kwargs)
+    if not check_only:
+        model = model.to(device).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, "
+            f"but loading it failed: {err}; save it there with processor.save_pretrained(...)."
+        ) from err
+    if not (hasattr(processor, "feature_extractor") and hasattr(processor, "tokenizer")):
+        raise ValueError(
+            f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, "
+            f"but found only a {type(processor).__name__}; save the full processor there with "
+            "processor.save_pretrained(...)."
+        )
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def build_generate_kwargs(
+    model, language: str | None = None, task: str | None = None, num_beams: int = 1, max_new_tokens: int | None = None
+) -> dict:
+    """generate() keyword arguments. language/task go to Whisper's own arguments (never forced_decoder_ids).
+
+    English-only models take neither: English transcription is dropped as redundant, anything else is refused. A
+    language the model does not know, or more new tokens than its decoder has positions for, is refused here rather
+    than inside generate().
+    """
+    english_only = getattr(model.generation_config, "is_multilingual", None) is False
+    kwargs = {"num_beams": num_beams}
+    if max_new_tokens is not None:
+        prompt = 2 if english_only else 4  # <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>
+        limit = model.config.max_target_positions - prompt
+        if max_new_tokens > limit:
+            raise ValueError(
+                f"--max_new_tokens expects at most {limit} for {model.name_or_path or 'this model'} (its "
+                f"max_target_positions {model.config.max_target_positions} minus {prompt} prompt tokens), but found "
+                f"{max_new_tokens}; pass a smaller value or leave it out."
+            )
+        kwargs["max_new_tokens"] = max_new_tokens
+    if english_only:
+        wants_other = (language is not None and language.lower() not in ENGLISH) or task == "translate"
+        if wants_other:
+            raise ValueError(
+                f"{model.name_or_path or 'The model'} is English-only, so it only transcribes English, but found "
+                f"language={language!r}, task={task!r}; drop --language/--task or use a multilingual checkpoint."
+            )
+        return kwargs
+    if language is not None:
+        known = getattr(model.generation_config, "lang_to_id", None) or {}
+        if known and language_token(language) not in known:
+            codes = sorted(token.strip("<|>") for token in known)
+            raise ValueError(
+                f"--language expects a language {model.name_or_path or 'the model'} knows (a code or an English name, "
+                f"e.g. en or english), but found {language!r}; pick one of {', '.join(codes[:20])}"
+                f"{', ...' if len(codes) > 20 else ''}."
+            )
+        kwargs["language"] = language
+    if task is not None:
+        kwargs["task"] = task
+    return kwargs
+
+
+def language_token(language: str) -> str | None:
+    """"de", "german" or "<|de|>" -> "<|de|>", as Whisper's generate() reads --language; None if unknown."""
+    language = language.lower()
+    if language.startswith("<|") and language.endswith("|>"):
+        return language
+    if language in TO_LANGUAGE_CODE:
+        return f"<|{TO_LANGUAGE_CODE[language]}|>"
+    return f"<|{language}|>" if language in TO_LANGUAGE_CODE.values() else None
+
+
+def _count_generated_tokens(sequences: torch.Tensor, special_ids: set[int]) -> int:
+    """Text and timestamp tokens in the returned sequences: prompt, end-of-text and padding are not counted."""
+    special = torch.tensor(sorted(special_ids), device=sequences.device)
+    return int((~torch.isin(sequences, special)).sum())
+
+
+@torch.no_grad()
+def transcribe(
+    model, processor, audios: list[np.ndarray], batch_size: int = 16, generate_kwargs: dict | None = None,
+    desc: str = "transcribing",
+) -> tuple[list[str], int, float]:
+    """Batched greedy/beam transcription of 16 kHz waveforms.
+
+    Clips up to 30 s are padded to Whisper's 30 s window (no attention mask needed). A batch holding a longer clip
+    is decoded with Whisper's sequential long-form algorithm, which needs the attention mask and timestamps.
+
+    Returns:
+        (hypotheses, generated token count, seconds spent in generate())
+    """
+    generate_kwargs = dict(generate_kwargs or {})
+    feature_extractor, tokenizer = processor.feature_extractor, processor.tokenizer
+    window = feature_extractor.n_samples  # 30 s at 16 kHz
+    special_ids = set(tokenizer.all_special_ids)
+    hypotheses, num_tokens, seconds = [], 0, 0.0
+    for start in tqdm(range(0, len(audios), batch_size), desc=desc, unit="batch"):
+        batch = audios[start : start + batch_size]
+        kwargs = dict(generate_kwargs)
+        if max(len(a) for a in batch) <= window:
+            inputs = feature_extractor(batch, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        else:
+            inputs = feature_extractor(
+                batch, sampling_rate=SAMPLING_RATE, return_tensors="pt", truncation=False, padding="longest",
+                return_attention_mask=True,
+            )
+            kwargs.update(attention_mask=inputs.attention_mask.to(model.device), return_timestamps=True)
+        features = inputs.input_features.to(model.device, model.dtype)  # (B, n_mels, frames)
+        _synchronize(model.device)
+        tic = time.perf_counter()
+        sequences = model.generate(features, **kwargs)
+        _synchronize(model.device)
+        seconds += time.perf_counter() - tic
+        if not isinstance(sequences, torch.Tensor):  # a dict when the caller asked for one
+            sequences = sequences["sequences"]
+        num_tokens += _count_generated_tokens(sequences, special_ids)
+        hypotheses += [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+    return hypotheses, num_tokens, seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def cache_statistics(model) -> dict:
+    """Analytic decoder cache size of a loaded model, in its dtype.
+
+    Returns:
+        dict with `cache_bytes_per_token` (self + cross, summed over decoder layers), its `cache_bytes_per_token_split`,
+        `cache_bytes_per_30s_utterance` and the definition of the latter.
+    """
+    config = model.config
+    per_token = expected_cache_bytes_per_token(config, model.dtype)
+    frames, tokens = config.max_source_positions, config.max_target_positions
+    dtype = str(model.dtype).removeprefix("torch.")
+    return {
+        "cache_dtype": dtype,
+        "cache_bytes_per_token": per_token["self"] + per_token["cross"],
+        "cache_bytes_per_token_split": per_token,
+        "cache_bytes_per_30s_utterance": per_token["cross"] * frames + per_token["self"] * tokens,
+        "cache_bytes_per_30s_utterance_definition": (
+            f"decoder cache of one utterance (batch 1, greedy) in {dtype}, summed over layers: cross-attention for "
+            f"{frames} encoder frames (30 s) + self-attention for {tokens} decoder tokens (max_target_positions)"
+        ),
+    }
+
+
+def evaluate_model(model, processor, dataset, batch_size: int = 16, generate_kwargs: dict | None = None,
+                   normalizer=normalize_english, desc: str = "transcribing") -> dict:
+    """Transcribes a dataset with an already-loaded model and scores it.
+
+    Args:
+        model: a Whisper or Whisper-MLA `...ForConditionalGeneration` in eval mode.
+        processor: its `WhisperProcessor`.
+        dataset: an `whisper_mla.audio.SpeechDataset`, or any sequence of `{"id", "audio" (16 kHz float32), "text"}`.
+        batch_size: utterances per generate() call.
+        generate_kwargs: e.g. from `build_generate_kwargs` ({"num_beams": 1, "language": "en", ...}).
+        normalizer: text normaliser applied before `wer` (Whisper's English one by default).
+
+    Returns:
+        dict with `wer` and `wer_ortho` (x100), `num_samples`, `num_skipped`, the cache statistics of
+        `cache_statistics`, `decode_tokens_per_s`, `generated_tokens`, `generate_seconds`, `audio_seconds`, and
+        `predictions`: one dict per utterance {id, reference, hypothesis, reference_normalized,
+        hypothesis_normalized}.
+    """
+    examples = list(dataset)
+    missing = [example.get("id") for example in examples if not example.get("text")]
+    if missing:
+        raise ValueError(
+            f"Expected a reference transcript for every utterance, but found none for ids {missing[:5]}; load the "
+            "data with require_text=True (the default) or drop those utterances."
+        )
+    audios = [example["audio"] for example in examples]
+    references = [example["text"] for example in examples]
+    hypotheses, num_tokens, seconds = transcribe(model, processor, audios, batch_size, generate_kwargs, desc)
+    scores = compute_wer(references, hypotheses, normalizer)
+    predictions = [
+        {"id": example["id"], "reference": ref, "hypothesis": hyp, "reference_normalized": ref_norm,
+         "hypothesis_normalized": hyp_norm}
+        for example, ref, hyp, ref_norm, hyp_norm in zip(
+            examples, references, hypotheses, scores["references_normalized"], scores["hypotheses_normalized"]
+        )
+    ]
+    return {
+        "model": model.name_or_path,
+        "model_type": model.config.model_type,
+        "num_samples": len(examples),
+        "num_skipped": getattr(dataset, "num_skipped", 0),
+        "wer": scores["wer"],
+        "wer_ortho": scores["wer_ortho"],
+        **cache_statistics(model),
+        "decode_tokens_per_s": num_tokens / seconds if seconds > 0 else None,
+        "generated_tokens": num_tokens,
+        "generate_seconds": seconds,
+        "audio_seconds": sum(len(a) for a in audios) / SAMPLING_RATE,
+        "predictions": predictions,
+    }
+
+
+def write_predictions(path: str, predictions: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for prediction in predictions:
+            f.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+
