@@ -28,7 +28,7 @@ from whisper_mla.conversion import (
     convert_whisper_to_mla,
     load_calibration_audio,
 )
-from whisper_mla.hub import save_mla_checkpoint
+from whisper_mla.hub import push_checkpoint, save_mla_checkpoint
 
 
 @dataclass
@@ -73,14 +73,8 @@ def main():
           f"tokens {mla / 2**20:.2f} MiB (MHA {mha / 2**20:.2f} MiB, -{100 * (1 - mla / mha):.1f}%).")
     # 5. Push.
     if conversion_args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        repo_id = conversion_args.hub_model_id or os.path.basename(os.path.abspath(conversion_args.output_dir))
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=conversion_args.output_dir, repo_id=repo_id)
-        print(f"Pushed to https://huggingface.co/{repo_id}")
-
+        repo_id = push_checkpoint(conversion_args.output_dir, conversion_args.hub_model_id)
+        print(f"Pushed to the Hub: {repo_id}")
 
 if __name__ == "__main__":
     run_cli(main)

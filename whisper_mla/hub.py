@@ -52,6 +52,34 @@ def save_mla_checkpoint(model: WhisperMLAForConditionalGeneration, processor, ou
         f.write(card_text if card_text is not None else model_card(model))
 
 
+def push_checkpoint(folder: str, repo_id: str | None = None, token: str | None = None, private: bool | None = None,
+                    commit_message: str = "Upload Whisper-MLA checkpoint") -> str:
+    """Pushes a saved Whisper-MLA checkpoint folder (see `save_mla_checkpoint`) to the Hub as one commit.
+
+    Args:
+        folder: the checkpoint folder; it must hold the remote-code files and a config with `auto_map`.
+        repo_id: "user/name" or "name"; default: the folder's name.
+        token, private: as `huggingface_hub.HfApi.create_repo`.
+
+    Returns:
+        the repo id pushed to.
+    """
+    from huggingface_hub import HfApi
+
+    missing = [name for name in ("config.json", *REMOTE_CODE_FILES) if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"Expected a saved Whisper-MLA checkpoint in {folder} (config.json and the remote-code files), but "
+            f"{', '.join(missing)} is missing; save it with save_mla_checkpoint first."
+        )
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
+                      ignore_patterns=["checkpoint-*", "runs/*", "*.partial*"])
+    return repo_id
+
+
 def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> str:
     """A Hub model card (metadata + MLA settings + cache reduction) built with huggingface_hub's ModelCard."""
     from huggingface_hub import ModelCard, ModelCardData
