@@ -10,7 +10,6 @@ W C^(1/2), where C = X^T X / n, instead of W.
         --kv_lora_rank 96 --kept_key_dims 4 --key_selection 2-norm --calibration_data AUDIO_SOURCE
 """
 
-import os
 import sys
 from dataclasses import dataclass, field
 
