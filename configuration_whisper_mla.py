@@ -34,9 +34,11 @@ class WhisperMLAConfig(WhisperConfig):
         mla_targets (`list[str]`, defaults to `["decoder_self", "decoder_cross"]`):
             Converted attention kinds, any of "encoder_self", "decoder_self", "decoder_cross". The encoder keeps no
             cache at inference, so converting it costs accuracy and saves no cache memory.
-        kv_lora_rank (`int`, defaults to 96):
-            Width of the cached latent per token and converted block. With `svd_method="joint"` and
-            `kv_lora_rank == d_model` the conversion is exact.
+        kv_lora_rank (`int`, defaults to 256):
+            Width of the cached latent per token and converted block (self-attention; cross-attention too with
+            `cross_attention_latent="per_layer"`). With `svd_method="joint"` and `kv_lora_rank == d_model` the
+            conversion is exact. These defaults are the converter's (`whisper_mla.conversion.MLAArguments` reads them
+            from here): chosen on real tiny.en and speakers calibration never heard, without training.
         kept_key_dims (`int`, defaults to 4):
             Uncompressed key dims per head (DeepSeek's `qk_rope_head_dim`; Whisper has no RoPE).
         key_selection (`str`, defaults to `"uniform"`):
@@ -50,11 +52,12 @@ class WhisperMLAConfig(WhisperConfig):
         mla_cache_quantization (`str`, *optional*):
             None: the cache holds the latent and kept key dims in the model dtype. "int8": both quantised to int8
             with one float32 absmax scale each per token (`r + heads * kept + 8` bytes per token and block).
-        cross_attention_latent (`str`, defaults to `"per_layer"`):
+        cross_attention_latent (`str`, defaults to `"shared"`):
             How converted decoder cross-attention blocks cache the encoder output. "per_layer": each block caches its
             own latent (`kv_lora_rank` + kept key dims per frame). "shared": every layer's cross keys and values are
             linear maps of the same encoder output, so ONE latent per frame (width `cross_kv_lora_rank`, no kept
             dims) serves all layers; each block keeps its own up-projections, absorbed into its query and output.
+            Checkpoints saved before this setting existed are "per_layer": add it to their config.json.
         cross_kv_lora_rank (`int`, *optional*):
             Width of the shared cross-attention latent. None means `d_model`: the latent is the encoder output itself
             (no down-projection, exact). Below `d_model` the decoder holds one down-projection `cross_kv_a_proj`.
@@ -71,13 +74,13 @@ class WhisperMLAConfig(WhisperConfig):
     model_type = "whisper_mla"
 
     mla_targets: list[str] | tuple[str, ...] = ("decoder_self", "decoder_cross")
-    kv_lora_rank: int = 96
+    kv_lora_rank: int = 256
     kept_key_dims: int = 4
     key_selection: str = "uniform"
     svd_method: str = "joint"
     mla_attn_implementation: str = "absorb"
     mla_cache_quantization: str | None = None
-    cross_attention_latent: str = "per_layer"
+    cross_attention_latent: str = "shared"
     cross_kv_lora_rank: int | None = None
     share_cross_latent_across_beams: bool = True
     kept_key_indices: dict | None = None
@@ -173,11 +176,7 @@ class WhisperMLAConfig(WhisperConfig):
                 f"`cross_attention_latent` expects one of {list(CROSS_ATTENTION_LATENTS)}, but found "
                 f"{self.cross_attention_latent!r}; pick one of those."
             )
-        if self.cross_attention_latent == "shared" and "decoder_cross" not in self.mla_targets:
-            raise ValueError(
-                f"`cross_attention_latent='shared'` expects 'decoder_cross' in `mla_targets`, but found "
-                f"{self.mla_targets}; add 'decoder_cross' or use cross_attention_latent='per_layer'."
-            )
+        # Without "decoder_cross" in mla_targets the cross-attention layout has nothing to apply to: any value is valid.
         if self.cross_kv_lora_rank is not None:
             if self.cross_attention_latent != "shared":
                 raise ValueError(

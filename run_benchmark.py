@@ -13,7 +13,9 @@ the run, and the report says when a ratio's spread is too large to quote or the 
     python run_benchmark.py --model_name_or_path openai/whisper-small --mla_model_name_or_path MLA_CKPT \
         --output_dir outputs/benchmark
 
-Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots.
+Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots, all
+at once at the end: an existing OUTPUT_DIR is refused unless --overwrite_output_dir (then replaced as a whole); while
+the run lasts, results.json grows in a hidden `.OUTPUT_DIR.tmp-*` sibling.
 """
 
 import dataclasses
@@ -31,10 +33,11 @@ from transformers import (
 )
 
 from whisper_mla.conversion import MLAArguments
+from whisper_mla.io import atomic_output_dir, check_output_dir
 from whisper_mla.benchmark import (
     ATTENTIONS,
-    BENCHMARK_KV_LORA_RANK,
     DTYPES,
+    OUTPUT_FILES,
     SIZES,
     SPREAD_LIMIT,
     cpu_snapshot,
@@ -56,6 +59,9 @@ from whisper_mla.benchmark import (
 @dataclass
 class BenchmarkArguments:
     output_dir: str = field(metadata={"help": "Where results.json, results.md and the plots are written."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing output_dir holding an earlier benchmark's results."}
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A transformers Whisper checkpoint (MHA); converted to MLA on the fly."}
     )
@@ -106,6 +112,7 @@ class BenchmarkArguments:
 
 def validate_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None:
     """Fails early, naming what was expected; resolves dtype "auto"."""
+    check_output_dir(args.output_dir, args.overwrite_output_dir, allowed=OUTPUT_FILES)
     if (args.model_name_or_path is None) == (args.size is None):
         raise ValueError(
             f"Expected exactly one of --model_name_or_path or --size, but found model_name_or_path="
@@ -143,12 +150,10 @@ def validate_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None
 
 
 def parse_arguments() -> tuple[BenchmarkArguments, MLAArguments]:
-    """The benchmark's arguments and the converter's MLA settings, with the benchmark's kv_lora_rank default."""
+    """The benchmark's arguments and the converter's MLA settings (the converter's defaults)."""
     parser = HfArgumentParser((BenchmarkArguments, MLAArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        with open(sys.argv[1]) as f:
-            return parser.parse_dict({"kv_lora_rank": BENCHMARK_KV_LORA_RANK, **json.load(f)})
-    parser.set_defaults(kv_lora_rank=BENCHMARK_KV_LORA_RANK)  # --help shows it too
+        return parser.parse_json_file(sys.argv[1])
     return parser.parse_args_into_dataclasses()
 
 
@@ -157,12 +162,12 @@ def main():
 
     # 1. Check the arguments before any expensive work; note the machine's load before this run adds to it.
     validate_arguments(args, mla_args)
-    os.makedirs(args.output_dir, exist_ok=True)
     transformers.logging.set_verbosity_error()
     load_before = sample_load(2.0)
     started = cpu_snapshot()
 
-    with tempfile.TemporaryDirectory() as model_dir:
+    with atomic_output_dir(args.output_dir, args.overwrite_output_dir, allowed=OUTPUT_FILES) as output_dir, \
+            tempfile.TemporaryDirectory() as model_dir:
         # 2. Load (or build) the MHA model, convert it to MLA (or load that too) and save them for the workers.
         model_name, folders, mla_configs, prompt, max_new_tokens = prepare_models(args, mla_args, model_dir)
         mla = {a: describe_mla(config) for a, config in mla_configs.items()}
@@ -210,15 +215,17 @@ def main():
                 records, log = measure_grid_point(settings, args.rounds, progress)
                 results["records"] += [{**common, **mla.get(r["attention"], {}), **r} for r in records]
                 results["rounds"] += log
-                with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+                with open(os.path.join(output_dir, "results.json"), "w") as f:
                     json.dump(results, f, indent=1)
 
-    # 5. Ratios within rounds, the load during the run, the warnings; then results.json, results.md and plots.
-    results["load"]["during"] = load_between(started, cpu_snapshot())
-    results["ratios"] = paired_ratios(results["records"])
-    results["warnings"] = run_warnings(results["ratios"], results["load"], args.num_threads, args.device)
-    header["load"] = f"before: {load_line(results['load']['before'])}; during: {load_line(results['load']['during'])}"
-    write_reports(results, args.output_dir)
+        # 5. Ratios within rounds, the load during the run, the warnings; then results.json, results.md and plots,
+        # swapped in as output_dir when the block ends.
+        results["load"]["during"] = load_between(started, cpu_snapshot())
+        results["ratios"] = paired_ratios(results["records"])
+        results["warnings"] = run_warnings(results["ratios"], results["load"], args.num_threads, args.device)
+        header["load"] = (f"before: {load_line(results['load']['before'])}; "
+                          f"during: {load_line(results['load']['during'])}")
+        write_reports(results, output_dir)
     for ratio in results["ratios"]:
         if ratio["metric"] != "first_step_s":
             print(describe_ratio(ratio) + ("" if ratio["steady"] else f"  <- spread {ratio['spread']:.1%}"))

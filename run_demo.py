@@ -169,7 +169,7 @@ def main():
     rows = []
     for name, label, model, cache_quantization in runs:
         if model is not mha:
-            model.config.mla_cache_quantization = cache_quantization
+            model.set_mla_runtime(cache_quantization=cache_quantization)
         generate_kwargs = build_generate_kwargs(model, language=demo_args.language)
         row = {"label": label, "model": demo_args.model_name_or_path, "wer": {}, "wer_ortho": {},
                "cache_per_utterance": expected_cache_bytes_per_utterance(model.config, torch.float32,

@@ -13,7 +13,7 @@ the run, and the report says when a ratio's spread is too large to quote or the 
     python run_benchmark.py --model_name_or_path openai/whisper-small --mla_model_name_or_path MLA_CKPT \
         --output_dir outputs/benchmark
 
-Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots.
+`run_benchmark.py` is the command line around this module. It writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots.
 """
 
 import dataclasses
@@ -93,7 +93,7 @@ AUDIO_FRAMES = 3000  # 30 s of log-mel frames, the only input length Whisper's e
 MIB = 2**20
 # The original Whisper_MLA setting (latent 96 + 4 kept key dims per head, -90.6% cache on small), which the
 # benchmark measures unless told otherwise; the converter's own default (kv_lora_rank 192) is chosen for WER.
-BENCHMARK_KV_LORA_RANK = 96
+OUTPUT_FILES = ("results.json", "results.md", "*_vs_batch_size.png")  # what write_reports writes
 SPREAD_LIMIT = 0.20  # (max - min) / median of a ratio over the rounds above which it is flagged as unsteady
 BUSY_SHARE = 0.25  # other processes using this share of the machine's CPUs (or this much steal) make it "busy"
 SLOW_ENV = "WHISPER_MLA_BENCH_SLOW"  # tests only: ATTENTION:ROUND:SECONDS slows that worker's steps in that round

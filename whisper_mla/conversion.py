@@ -6,8 +6,11 @@ mean|q_i| * mean|k_i| on calibration audio), and factorise the remaining key row
 calibration audio the SVD is activation-aware: it minimises the error on the block's real inputs X by factorising
 W C^(1/2), where C = X^T X / n, instead of W.
 
-    python convert_whisper_to_mla.py --model_name_or_path openai/whisper-small --output_dir out/ \
-        --kv_lora_rank 96 --kept_key_dims 4 --key_selection 2-norm --calibration_data AUDIO_SOURCE
+    from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
+    audio = load_calibration_audio("real_train.json", max_samples=64)
+    mla = convert_whisper_to_mla(whisper, MLAArguments(), calibration_audio=audio, feature_extractor=fe)
+
+`convert_whisper_to_mla.py` is the command line around it; `whisper_mla.hub` saves and pushes the result.
 """
 
 import copy
@@ -33,10 +36,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MLAArguments:
-    """MLA settings, shared by convert_whisper_to_mla.py and run_finetune.py."""
+    """MLA settings of a conversion, shared by every script that converts. The defaults are WhisperMLAConfig's: one
+    default per setting, defined there."""
 
     kv_lora_rank: int = field(
-        default=256,
+        default=WhisperMLAConfig.kv_lora_rank,
         metadata={"help": "Latent width cached per token by each converted self-attention block (and by each cross "
                   "block with --cross_attention_latent per_layer). With the shared cross latent, the default keeps "
                   "WER without training on real tiny.en and speakers calibration never heard (-86.0%% cache of a 30 s "
@@ -44,33 +48,39 @@ class MLAArguments:
                   "cost +1 WER there. The original Whisper_MLA setting, 96 with 4 kept dims, needs recovery training "
                   "(run_finetune.py)."},
     )
-    kept_key_dims: int = field(default=4, metadata={"help": "Uncompressed key dims per head."})
-    key_selection: str = field(
-        default="uniform", metadata={"help": "How kept key dims are chosen.", "choices": ["uniform", "2-norm"]}
+    kept_key_dims: int = field(
+        default=WhisperMLAConfig.kept_key_dims, metadata={"help": "Uncompressed key dims per head."}
     )
-    svd_method: str = field(default="joint", metadata={"help": "SVD variant.", "choices": ["joint", "split"]})
+    key_selection: str = field(
+        default=WhisperMLAConfig.key_selection,
+        metadata={"help": "How kept key dims are chosen.", "choices": ["uniform", "2-norm"]},
+    )
+    svd_method: str = field(
+        default=WhisperMLAConfig.svd_method, metadata={"help": "SVD variant.", "choices": ["joint", "split"]}
+    )
     mla_targets: list[str] = field(
-        default_factory=lambda: ["decoder_self", "decoder_cross"],
+        default_factory=lambda: list(WhisperMLAConfig.mla_targets),
         metadata={"help": "Converted blocks: any of encoder_self, decoder_self, decoder_cross."},
     )
     cross_attention_latent: str = field(
-        default="shared",
+        default=WhisperMLAConfig.cross_attention_latent,
         metadata={"help": "shared (default): one latent of width --cross_kv_lora_rank serves every decoder layer's "
                   "cross-attention (the encoder output itself at d_model: exact, -87.5%% of tiny.en's cross cache, "
                   "-95.8%% of small's). per_layer: each cross block caches its own kv_lora_rank latent (lossy: the "
                   "previous default cost tiny.en +4 WER on unseen speakers).", "choices": ["per_layer", "shared"]},
     )
     cross_kv_lora_rank: int | None = field(
-        default=None,
+        default=WhisperMLAConfig.cross_kv_lora_rank,
         metadata={"help": "Width of the shared cross-attention latent; default d_model (exact, no down-projection). "
                   "Below d_model one activation-aware SVD over all layers' cross keys and values gives the shared "
                   "down-projection."},
     )
     mla_attn_implementation: str = field(
-        default="absorb", metadata={"help": "Decode path.", "choices": ["absorb", "naive"]}
+        default=WhisperMLAConfig.mla_attn_implementation,
+        metadata={"help": "Decode path.", "choices": ["absorb", "naive"]},
     )
     mla_cache_quantization: str | None = field(
-        default=None,
+        default=WhisperMLAConfig.mla_cache_quantization,
         metadata={"help": "int8: quantise the cached latent and kept key dims (per-token absmax scales). Default: "
                           "the model dtype.", "choices": ["int8"]},
     )

@@ -21,6 +21,8 @@ the same files on every machine:
 Manifests use the `{"annotation": [{"path", "text", ...}]}` format that `whisper_mla.audio.load_speech_dataset` reads,
 with paths relative to the manifest. Re-running skips finished work; `--overwrite` rebuilds.
 
+`make_speech_data.py` is the command line around this module; `ensure_speech_data()` builds what is missing.
+
 Usage:
     python make_speech_data.py --output_dir ~/.cache/whisper_mla/speech --max_synthetic_clips 900
 

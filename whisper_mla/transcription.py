@@ -1,22 +1,13 @@
-"""Evaluate a Whisper or Whisper-MLA checkpoint: word error rate, decoder cache size and decode speed.
+"""Transcribe with a Whisper or Whisper-MLA checkpoint and score it: WER, decoder cache size, decode speed.
 
-    python run_eval.py --model_name_or_path out/whisper-small-mla --data test-clean/ --output_dir eval/ \
-        --baseline_model openai/whisper-small --batch_size 16
+`run_eval.py` is the command line around it; other scripts reuse it on a model they already hold:
 
-`--data` is anything `whisper_mla.audio.load_speech_dataset` reads: a LibriSpeech-layout folder, a JSON manifest, a
-`save_to_disk` folder or a Hub dataset id (with `--split`). The script writes `OUTPUT_DIR/predictions.jsonl` (one
-line per utterance) and `OUTPUT_DIR/results.json`; with `--baseline_model` it evaluates a second checkpoint on the
-same data, writes `baseline_predictions.jsonl`, and prints a side-by-side Markdown table.
-
-Every input (numbers, output folder, both checkpoints, data) is checked before any decoding; checkpoints load strictly
-(a missing, extra or wrongly shaped weight is an error, not a random init); the output files appear together, in one
-folder swap at the end, so a failed or killed run leaves OUTPUT_DIR as it was.
-
-Other scripts reuse the evaluation on a model they already hold:
-
-    from run_eval import evaluate_model
+    from whisper_mla.transcription import evaluate_model
     results = evaluate_model(model, processor, dataset, batch_size=16, generate_kwargs={"num_beams": 1})
     print(results["wer"])
+
+`load_model_and_processor` loads either kind strictly (remote code only for Whisper-MLA); `build_generate_kwargs`
+holds the one place where language, task, timestamps and long-form decoding become `generate()` arguments.
 """
 
 import json
