@@ -37,6 +37,8 @@ class ConversionArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the checkpoint and its model card to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (default: output_dir's name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo private."})
 
 
 def main():
@@ -72,7 +74,8 @@ def main():
           f"tokens {mla / 2**20:.2f} MiB (MHA {mha / 2**20:.2f} MiB, -{100 * (1 - mla / mha):.1f}%).")
     # 5. Push.
     if conversion_args.push_to_hub:
-        repo_id = push_checkpoint(conversion_args.output_dir, conversion_args.hub_model_id)
+        repo_id = push_checkpoint(conversion_args.output_dir, conversion_args.hub_model_id,
+                                  token=conversion_args.hub_token, private=conversion_args.hub_private_repo)
         print(f"Pushed to the Hub: {repo_id}")
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Make a folder a loadable Whisper-MLA checkpoint: remote code, auto_map, processor, model card; push it to the Hub."""
 
+import json
 import os
 import shutil
-
 
 import configuration_whisper_mla
 from configuration_whisper_mla import WhisperMLAConfig
@@ -56,28 +56,58 @@ def push_checkpoint(folder: str, repo_id: str | None = None, token: str | None =
                     commit_message: str = "Upload Whisper-MLA checkpoint") -> str:
     """Pushes a saved Whisper-MLA checkpoint folder (see `save_mla_checkpoint`) to the Hub as one commit.
 
+    The folder is checked first, before any request: a repo without the remote-code files or the config's
+    `auto_map` would not load with `trust_remote_code=True`. `checkpoint-*` folders, TensorBoard `runs/` and
+    partial downloads are left out.
+
     Args:
-        folder: the checkpoint folder; it must hold the remote-code files and a config with `auto_map`.
-        repo_id: "user/name" or "name"; default: the folder's name.
-        token, private: as `huggingface_hub.HfApi.create_repo`.
+        folder: the checkpoint folder: config.json with `auto_map`, the weights (model.safetensors or its index),
+            and the remote-code files.
+        repo_id: "user/name" or "name" (in the token's namespace); default: the folder's name.
+        token, private: as `huggingface_hub.HfApi.create_repo` (default token: HF_TOKEN or the saved login).
+        commit_message: the commit's title.
 
     Returns:
-        the repo id pushed to.
+        the repo id pushed to ("user/name").
     """
     from huggingface_hub import HfApi
 
-    missing = [name for name in ("config.json", *REMOTE_CODE_FILES) if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise FileNotFoundError(
-            f"Expected a saved Whisper-MLA checkpoint in {folder} (config.json and the remote-code files), but "
-            f"{', '.join(missing)} is missing; save it with save_mla_checkpoint first."
-        )
+    check_checkpoint_folder(folder)
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
-                      ignore_patterns=["checkpoint-*", "runs/*", "*.partial*"])
+                      # training leftovers: intermediate checkpoints, logs, and training_args.bin (a pickle)
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.partial*", "*.bin"])
     return repo_id
+
+
+def check_checkpoint_folder(folder: str) -> None:
+    """Raises unless `folder` holds what loading it with `trust_remote_code=True` needs.
+
+    Raises:
+        FileNotFoundError: the folder, config.json, the weights or a remote-code file is missing.
+        ValueError: config.json has no `auto_map` entry for AutoModelForSpeechSeq2Seq.
+    """
+    fix = "save it with whisper_mla.hub.save_mla_checkpoint (convert_whisper_to_mla.py and run_finetune.py do) first"
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Expected a saved Whisper-MLA checkpoint folder, but no folder exists at {folder}.")
+    expected = {name: [name] for name in ("config.json", *REMOTE_CODE_FILES)}
+    expected["model.safetensors"] = ["model.safetensors", "model.safetensors.index.json"]
+    missing = [name for name, options in expected.items()
+               if not any(os.path.isfile(os.path.join(folder, option)) for option in options)]
+    if missing:
+        raise FileNotFoundError(
+            f"Expected a saved Whisper-MLA checkpoint in {folder} ({', '.join(expected)}), but found no "
+            f"{', '.join(missing)}; {fix}."
+        )
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        auto_map = json.load(f).get("auto_map") or {}
+    if "AutoModelForSpeechSeq2Seq" not in auto_map:
+        raise ValueError(
+            f"Expected {folder}/config.json to map AutoModelForSpeechSeq2Seq to the shipped modeling code in its "
+            f"auto_map, but found auto_map={auto_map}; {fix}."
+        )
 
 
 def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> str:
