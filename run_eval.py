@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from whisper_mla.audio import load_speech_dataset
+from whisper_mla.metrics import get_normalizer
 from whisper_mla.arguments import check_number, run_cli
 from whisper_mla.io import atomic_output_dir, check_output_dir
 from whisper_mla.transcription import (
     DTYPES,
     build_generate_kwargs,
+    LONG_FORM_METHODS,
     evaluate_model,
-    get_normalizer,
     load_model_and_processor,
     resolve_device_and_dtype,
     write_predictions,
@@ -105,6 +106,12 @@ class EvalArguments:
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "Cap on generated tokens per utterance (default: the generation config's)."}
     )
+    long_form: str = field(
+        default="sequential",
+        metadata={"help": "How recordings over 30 s are decoded: sequential (Whisper's generate() walks the recording "
+                  "window by window, conditioned on the previous window) or chunked (the ASR pipeline: 30 s chunks "
+                  "with strides, batched, merged on timestamps).", "choices": list(LONG_FORM_METHODS)},
+    )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -121,13 +128,15 @@ def validate_arguments(data_args: "DataArguments", eval_args: "EvalArguments") -
 
 def comparison_table(results: dict, baseline: dict) -> str:
     """Markdown table of a model and its baseline; cache reduction is relative to the baseline."""
-    rows = ["| model | WER | ortho WER | cache bytes/token | cache reduction | tokens/s |", "|---|---|---|---|---|---|"]
+    rows = ["| model | WER | ortho WER | cache bytes/token | cache reduction | peak cache (measured) | tokens/s |",
+            "|---|---|---|---|---|---|---|"]
     for entry in (results, baseline):
         reduction = 100 * (1 - entry["cache_bytes_per_token"] / baseline["cache_bytes_per_token"])
         speed = entry["decode_tokens_per_s"]
         rows.append(
             f"| {entry['model']} | {entry['wer']:.2f} | {entry['wer_ortho']:.2f} | {entry['cache_bytes_per_token']} "
-            f"| {reduction:.1f}% | {'n/a' if speed is None else f'{speed:.1f}'} |"
+            f"| {reduction:.1f}% | {entry['peak_cache_bytes']['total'] / 2**20:.2f} MiB "
+            f"| {'n/a' if speed is None else f'{speed:.1f}'} |"
         )
     return "\n".join(rows)
 
@@ -171,7 +180,8 @@ def run_checkpoint(name_or_path: str, dataset, model_args: ModelArguments,
         model, eval_args.language, eval_args.task, eval_args.num_beams, eval_args.max_new_tokens
     )
     results = evaluate_model(model, processor, dataset, eval_args.batch_size, generate_kwargs,
-                             normalizer=get_normalizer(eval_args.language), desc=os.path.basename(name_or_path))
+                             normalizer=get_normalizer(eval_args.language), desc=os.path.basename(name_or_path),
+                             long_form=eval_args.long_form)
     predictions = results.pop("predictions")
     results.update(model=name_or_path, generate_kwargs=generate_kwargs, device=str(device))
     return results, predictions
@@ -225,7 +235,7 @@ def main(args: list[str] | None = None) -> dict:
             json.dump(results, f, indent=2, ensure_ascii=False)
     print(f"{results['model']}: WER {results['wer']:.2f}, orthographic WER {results['wer_ortho']:.2f} on "
           f"{results['num_samples']} utterances ({results['num_skipped']} skipped); decoder cache "
-          f"{results['cache_bytes_per_token']} bytes/token.")
+          f"{results['cache_bytes_per_token']} bytes/token, peak {results['peak_cache_bytes']['total']} bytes.")
     if "comparison_table" in results:
         print(results["comparison_table"])
     return results

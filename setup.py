@@ -4,7 +4,7 @@ Install torch first (`pip install torch==2.13.0` on CPU): a bare `torch` require
 multi-GB CUDA build.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 setup(
@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Convert Whisper's multi-head attention into multi-head latent attention: a ~90% smaller KV cache.",
     python_requires=">=3.10",
-    packages=["whisper_mla"],
+    packages=find_packages(include=["whisper_mla", "whisper_mla.*"]),
     # The remote-code files a checkpoint ships (and the library imports); the run_*.py scripts are not installed:
     # they are entry points run from the checkout, like the HF example scripts.
     py_modules=["configuration_whisper_mla", "modeling_whisper_mla", "pipeline_whisper_mla"],

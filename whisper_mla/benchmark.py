@@ -43,6 +43,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from convert_whisper_to_mla import MLAArguments, convert_whisper_to_mla, load_calibration_audio
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration, cache_nbytes
+from whisper_mla.transcription import DTYPES
 
 
 # Shapes of OpenAI's checkpoints (random weights stand in for the real ones: speed and memory depend on shapes only).
@@ -88,7 +89,6 @@ ATTENTIONS = ("mha", *MLA_VARIANTS)
 # CPU: waiting for a core, as on a shared machine, does not count) and the first step's time.
 METRIC_LABELS = {"decode_tokens_per_s": "decode tok/s", "decode_tokens_per_cpu_s": "decode tok/CPU-s",
                  "first_step_s": "first-step time"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUDIO_FRAMES = 3000  # 30 s of log-mel frames, the only input length Whisper's encoder takes
 MIB = 2**20
 # The original Whisper_MLA setting (latent 96 + 4 kept key dims per head, -90.6% cache on small), which the

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is: missing, damaged, or not matching its own config."""
+
+
+def default_cache_dir() -> Path:
+    """This project's cache (imported models, speech data, downloads): $WHISPER_MLA_CACHE or ~/.cache/whisper_mla."""
+    return Path(os.environ.get("WHISPER_MLA_CACHE") or os.path.join("~", ".cache", "whisper_mla")).expanduser()
 
 
 # --------------------------------------------------------------------------------------------- writing

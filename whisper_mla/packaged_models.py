@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from whisper_mla.io import default_cache_dir
 from whisper_mla.ctranslate2 import IMPORT_INFO_FILE, IMPORTER_VERSION, import_ctranslate2
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ def locate_packaged_model(name: str) -> Path:
         the second package, see `packaged_model_dirs`).
     """
     return packaged_model_dirs(name)[0]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("WHISPER_MLA_CACHE") or Path.home() / ".cache" / "whisper_mla")
 
 
 def cached_import_version(folder: str | os.PathLike) -> int | None:

@@ -53,6 +53,7 @@ import soxr
 from tqdm import tqdm
 
 from whisper_mla.audio import SAMPLING_RATE, load_audio
+from whisper_mla.io import default_cache_dir
 
 
 ASTERISK_SOUNDS_DIR = "/usr/share/asterisk/sounds/en_US_f_Allison"
@@ -147,8 +148,7 @@ TRANSCRIPT_FIXES = {
 
 
 def default_output_dir() -> Path:
-    cache = os.environ.get("WHISPER_MLA_CACHE") or os.path.join("~", ".cache", "whisper_mla")
-    return Path(cache).expanduser() / "speech"
+    return default_cache_dir() / "speech"
 
 
 def clean_transcript(text: str) -> str:

@@ -17,11 +17,12 @@ import time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from whisper_mla.audio import SAMPLING_RATE
-from modeling_whisper_mla import expected_cache_bytes_per_token
+from modeling_whisper_mla import cache_nbytes, expected_cache_bytes_per_token
+from pipeline_whisper_mla import WhisperMLAPipeline
 from whisper_mla.metrics import ENGLISH, compute_wer, normalize_english
 from whisper_mla.io import checkpoint_config, from_pretrained_strict
 
@@ -29,6 +30,7 @@ from whisper_mla.io import checkpoint_config, from_pretrained_strict
 logger = logging.getLogger(__name__)
 
 WHISPER_MODEL_TYPES = ("whisper", "whisper_mla")
+LONG_FORM_METHODS = ("sequential", "chunked")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -210,6 +212,70 @@ def transcribe(
     return hypotheses, num_tokens, seconds
 
 
+def asr_pipeline(model, processor):
+    """transformers' ASR pipeline around a loaded Whisper or Whisper-MLA model (Whisper's path: chunking, timestamps);
+    a Whisper-MLA model gets the pipeline class its checkpoints ship."""
+    is_mla = model.config.model_type == "whisper_mla"
+    return pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                    feature_extractor=processor.feature_extractor, device=model.device,
+                    pipeline_class=WhisperMLAPipeline if is_mla else None)
+
+
+@torch.no_grad()
+def transcribe_chunked(
+    model, processor, audios: list[np.ndarray], batch_size: int = 16, generate_kwargs: dict | None = None,
+    desc: str = "transcribing (chunked)",
+) -> tuple[list[str], int, float]:
+    """Transcription through the ASR pipeline's chunked long-form algorithm: audio is cut into 30 s windows with 5 s
+    strides on each side, the windows are decoded in batches and their transcripts merged on timestamps.
+
+    Returns:
+        (hypotheses, generated token count, seconds spent in the pipeline, feature extraction included)
+    """
+    asr = asr_pipeline(model, processor)
+    kwargs = {k: v for k, v in (generate_kwargs or {}).items() if k != "attention_mask"}
+    special_ids = set(processor.tokenizer.all_special_ids)
+    hypotheses, num_tokens, seconds = [], 0, 0.0
+    for start in tqdm(range(0, len(audios), batch_size), desc=desc, unit="batch"):
+        batch = [{"raw": audio, "sampling_rate": SAMPLING_RATE} for audio in audios[start : start + batch_size]]
+        _synchronize(model.device)
+        tic = time.perf_counter()
+        outputs = asr(batch, chunk_length_s=30, batch_size=batch_size, return_timestamps=True,
+                      generate_kwargs=kwargs)
+        _synchronize(model.device)
+        seconds += time.perf_counter() - tic
+        for output in outputs:
+            text = output["text"].strip()
+            hypotheses.append(text)
+            num_tokens += len([t for t in processor.tokenizer(text, add_special_tokens=False).input_ids
+                               if t not in special_ids])
+    return hypotheses, num_tokens, seconds
+
+
+class PeakCacheMeter:
+    """Records the largest decoder cache (bytes its tensors hold, `cache_nbytes`) that any decoder step saw while the
+    `with` block ran: the memory that a smaller MLA cache saves, measured, not computed. Works for Whisper (MHA) and
+    Whisper-MLA models, greedy, beam search, sequential long-form and the chunked pipeline alike.
+    """
+
+    def __init__(self, model):
+        self.decoder, self.handle, self.peak = model.get_decoder(), None, {"self": 0, "cross": 0, "total": 0}
+
+    def _record(self, module, args, kwargs, output):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and hasattr(cache, "cross_attention_cache"):
+            held = cache_nbytes(cache)
+            if held["self"] + held["cross"] > self.peak["total"]:
+                self.peak = {**held, "total": held["self"] + held["cross"]}
+
+    def __enter__(self) -> "PeakCacheMeter":
+        self.handle = self.decoder.register_forward_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -242,7 +308,7 @@ def cache_statistics(model) -> dict:
 
 
 def evaluate_model(model, processor, dataset, batch_size: int = 16, generate_kwargs: dict | None = None,
-                   normalizer=normalize_english, desc: str = "transcribing") -> dict:
+                   normalizer=normalize_english, desc: str = "transcribing", long_form: str = "sequential") -> dict:
     """Transcribes a dataset with an already-loaded model and scores it.
 
     Args:
@@ -252,10 +318,13 @@ def evaluate_model(model, processor, dataset, batch_size: int = 16, generate_kwa
         batch_size: utterances per generate() call.
         generate_kwargs: e.g. from `build_generate_kwargs` ({"num_beams": 1, "language": "en", ...}).
         normalizer: text normaliser applied before `wer` (Whisper's English one by default).
+        long_form: how audio over 30 s is decoded: "sequential" (Whisper's `generate()` walks the recording window by
+            window, each window conditioned on the previous one's timestamps) or "chunked" (the ASR pipeline: 30 s
+            chunks with strides, decoded in batches, merged). Clips up to 30 s decode the same way with either.
 
     Returns:
         dict with `wer` and `wer_ortho` (x100), `num_samples`, `num_skipped`, the cache statistics of
-        `cache_statistics`, `decode_tokens_per_s`, `generated_tokens`, `generate_seconds`, `audio_seconds`, and
+        `cache_statistics`, `peak_cache_bytes` (the largest decoder cache a step held, measured), `decode_tokens_per_s`, `generated_tokens`, `generate_seconds`, `audio_seconds`, and
         `predictions`: one dict per utterance {id, reference, hypothesis, reference_normalized,
         hypothesis_normalized}.
     """
@@ -268,7 +337,11 @@ def evaluate_model(model, processor, dataset, batch_size: int = 16, generate_kwa
         )
     audios = [example["audio"] for example in examples]
     references = [example["text"] for example in examples]
-    hypotheses, num_tokens, seconds = transcribe(model, processor, audios, batch_size, generate_kwargs, desc)
+    if long_form not in LONG_FORM_METHODS:
+        raise ValueError(f"long_form expects one of {list(LONG_FORM_METHODS)}, but found {long_form!r}; pick one.")
+    run = transcribe_chunked if long_form == "chunked" else transcribe
+    with PeakCacheMeter(model) as meter:
+        hypotheses, num_tokens, seconds = run(model, processor, audios, batch_size, generate_kwargs, desc)
     scores = compute_wer(references, hypotheses, normalizer)
     predictions = [
         {"id": example["id"], "reference": ref, "hypothesis": hyp, "reference_normalized": ref_norm,
@@ -285,6 +358,8 @@ def evaluate_model(model, processor, dataset, batch_size: int = 16, generate_kwa
         "wer": scores["wer"],
         "wer_ortho": scores["wer_ortho"],
         **cache_statistics(model),
+        "peak_cache_bytes": meter.peak,
+        "long_form": long_form,
         "decode_tokens_per_s": num_tokens / seconds if seconds > 0 else None,
         "generated_tokens": num_tokens,
         "generate_seconds": seconds,

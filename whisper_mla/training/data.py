@@ -1,0 +1,263 @@
+"""Training and evaluation data of recovery training: clips loaded and filtered, transcripts tokenised or replaced by
+the teacher's greedy transcripts (pseudo-labels), encoder outputs precomputed, the dataset and its collator."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+
+from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, as_waveform, drop_undecodable, load_speech_dataset
+from whisper_mla.training.arguments import DataArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_clips(sources: list[str], split, data_args: DataArguments, max_samples, require_text: bool):
+    """Decoded examples of every source, concatenated, and the messages of the rows skipped as bad."""
+    examples, skipped = [], []
+    for source in sources:
+        remaining = None if max_samples is None else max_samples - len(examples)
+        if remaining is not None and remaining <= 0:
+            break
+        dataset = load_speech_dataset(
+            source, split=split, audio_column=data_args.audio_column_name, text_column=data_args.text_column_name,
+            max_samples=remaining, skip_bad=data_args.skip_bad_samples, require_text=require_text,
+            config_name=data_args.dataset_config_name, lazy=data_args.lazy_audio_loading,
+        )
+        examples += dataset.examples
+        skipped += dataset.skipped
+    return examples, skipped
+
+
+def drop_long_clips(examples: list[dict], max_seconds: float) -> tuple[list[dict], int]:
+    """Returns (the examples of at most `max_seconds`, number dropped): Whisper sees 30 s windows."""
+    kept = [e for e in examples if len(e["audio"]) <= max_seconds * SAMPLING_RATE]
+    return kept, len(examples) - len(kept)
+
+
+def tokenize_transcripts(examples, tokenizer, max_label_length: int, do_lower_case: bool):
+    """Label ids `<|startoftranscript|> <prefix> text <|endoftext|>` per example; drops too-long ones.
+
+    Returns (examples kept, their label ids, number dropped).
+    """
+    kept, labels = [], []
+    for example in examples:
+        text = example["text"].lower() if do_lower_case else example["text"]
+        ids = tokenizer(text).input_ids
+        if len(ids) <= max_label_length:
+            kept.append(example)
+            labels.append(ids)
+    return kept, labels, len(examples) - len(kept)
+
+
+def pseudo_label_ids(sequence: list[int], prefix: list[int], eos_token_id: int) -> list[int]:
+    """Label ids from one generated sequence: the tokenizer's prefix, the text up to and including the first
+    end-of-text (padding after it dropped). Whisper's generate may or may not return the prompt; both work."""
+    if sequence[: len(prefix)] == prefix:
+        sequence = sequence[len(prefix):]
+    if eos_token_id in sequence:
+        sequence = sequence[: sequence.index(eos_token_id) + 1]
+    return list(prefix) + list(sequence)
+
+
+@torch.no_grad()
+def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, batch_size=16, prefix=None,
+                       generate_kwargs=None, device="cpu"):
+    """One pass over the training clips, in batches: the encoder outputs (if `encoder` is given) and the teacher's
+    greedy transcripts as label ids (if `teacher` is given). The teacher decodes from the precomputed encoder
+    outputs when there are any, so the encoder runs once per clip.
+
+    Returns (encoder outputs: list of (frames, d_model) CPU tensors, or None; pseudo-labels: list of id lists or None).
+    """
+    states = [] if encoder is not None else None
+    labels = [] if teacher is not None else None
+    desc = "pseudo-labelling" if teacher is not None else "encoding"
+    dtype = next((encoder if encoder is not None else teacher).parameters()).dtype
+    for start in tqdm(range(0, len(audios), batch_size), desc=desc, unit="batch"):
+        batch = [as_waveform(audio) for audio in audios[start : start + batch_size]]
+        features = feature_extractor(batch, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+        features = features.to(device, dtype)  # (B, n_mels, 3000)
+        hidden = encoder(features).last_hidden_state if encoder is not None else None  # (B, frames, d_model)
+        if states is not None:
+            states += list(hidden.cpu().unbind(0))
+        if teacher is not None:
+            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)} if hidden is not None \
+                else {"input_features": features}
+            sequences = teacher.generate(**inputs, **(generate_kwargs or {}), num_beams=1, do_sample=False)
+            labels += [pseudo_label_ids(s, prefix, teacher.config.eos_token_id) for s in sequences.tolist()]
+    return states, labels
+
+
+class SpeechSeq2SeqDataset(torch.utils.data.Dataset):
+    """Items `{"input_features" | "encoder_hidden_states", "labels"}`; features are computed when an item is read.
+
+    Lazily loaded clips are decoded here, mid-training, where one with a valid header but a damaged body fails. That
+    stops training with an error naming the clip and --skip_bad_samples; with `skip_bad` the clip is logged once,
+    flagged, and the next readable clip (with its labels) is returned in its place, so batches keep their size and a
+    resumed run sees the same batches. The flags live in shared memory, so DataLoader worker processes report theirs.
+    """
+
+    def __init__(self, audios, labels, feature_extractor, encoder_states=None, skip_bad=False):
+        self.audios, self.labels, self.feature_extractor = audios, labels, feature_extractor
+        self.encoder_states = encoder_states
+        self.bad = torch.zeros(len(labels), dtype=torch.bool).share_memory_() if skip_bad else None
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def num_bad(self) -> int:
+        """Clips this process (and its DataLoader workers) found undecodable and skipped."""
+        return 0 if self.bad is None else int(self.bad.sum())
+
+    def __getitem__(self, index):
+        if self.encoder_states is not None:
+            return {"labels": self.labels[index], "encoder_hidden_states": self.encoder_states[index]}
+        index, audio = self._read(index)
+        features = self.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")
+        return {"labels": self.labels[index], "input_features": features.input_features[0]}  # (n_mels, 3000)
+
+    def _read(self, index: int) -> tuple[int, np.ndarray]:
+        """(index, waveform) of the clip at `index`, or with skip_bad of the next clip that decodes."""
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            if self.bad is not None and self.bad[i]:
+                continue
+            try:
+                return i, as_waveform(self.audios[i])  # decoded here when the data was loaded lazily
+            except SpeechDataError as err:
+                if self.bad is None:
+                    raise SpeechDataError(
+                        f"{err} (With --lazy_audio_loading a clip is decoded only when a training step reads it; pass "
+                        "--skip_bad_samples to log, count and skip such clips instead of stopping.)"
+                    ) from err
+                self.bad[i] = True
+                logger.warning("Skipping a training clip that does not decode (the next readable clip takes its "
+                               "place): %s", err)
+        raise SpeechDataError(f"None of the {len(self)} training clips decodes; check the training data.")
+
+
+@dataclass
+class DataCollatorSpeechSeq2SeqWithPadding:
+    """Stacks input features (or precomputed encoder outputs) and right-pads labels with -100.
+
+    Padding is found from the label lengths (an attention mask), never from token ids: Whisper's pad token is its
+    end-of-text token, which must stay a target. A leading `<|startoftranscript|>` is dropped when every row has it,
+    because the model prepends the decoder start token again when it builds `decoder_input_ids` from the labels.
+    """
+
+    decoder_start_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for key in ("input_features", "encoder_hidden_states"):
+            if key in features[0]:
+                batch[key] = torch.stack([torch.as_tensor(f[key]) for f in features])
+        lengths = torch.tensor([len(f["labels"]) for f in features])
+        attention_mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (B, T)
+        labels = torch.full(attention_mask.shape, -100, dtype=torch.long)
+        labels[attention_mask] = torch.cat([torch.as_tensor(f["labels"], dtype=torch.long) for f in features])
+        if (labels[:, 0] == self.decoder_start_token_id).all():
+            labels = labels[:, 1:]
+        batch["labels"] = labels
+        return batch
+
+
+def fits_in_memory(num_clips: int, config, fraction: float = 0.5) -> bool:
+    """Whether `num_clips` precomputed encoder outputs (float32) take less than `fraction` of the machine's RAM."""
+    needed = num_clips * config.max_source_positions * config.d_model * 4
+    return needed < fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_train_dataset(data_args, distill_args, model_args, student, teacher, processor, max_label_length,
+                        share_encoder: bool, device):
+    """Training clips with their targets: tokenised transcripts, or with --distill the teacher's greedy transcripts
+    (made once, batched). When the encoder is shared and frozen, its outputs are computed here once per clip.
+
+    Args:
+        data_args, distill_args, model_args: the script's arguments (sources, limits, --distill, precomputing).
+        student: the Whisper-MLA model; its encoder computes the precomputed outputs.
+        teacher: the frozen teacher that transcribes the clips with --distill, else None.
+        processor: feature extractor and tokenizer (with the run's prefix tokens).
+        max_label_length: the longest label in tokens, prompt included.
+        share_encoder: the student's encoder is frozen and equals the teacher's (see `DistillationTrainer`).
+        device: where the encoder and teacher run.
+
+    Returns:
+        (a `SpeechSeq2SeqDataset`, a report of how many clips were used, skipped and dropped).
+    """
+    examples, skipped = load_clips(data_args.train_data, data_args.train_split, data_args,
+                                   data_args.max_train_samples, require_text=not distill_args.distill)
+    for message in skipped:
+        logger.warning("Skipped: %s", message)
+    examples, dropped_long = drop_long_clips(examples, data_args.max_duration_in_seconds)
+    precompute = share_encoder and model_args.precompute_encoder_outputs
+    if precompute or teacher is not None:
+        # Every clip is decoded up front for the encoder outputs or the teacher's transcripts anyway (an extra
+        # decode is cheap next to that): find lazily loaded clips that do not decode before any of it.
+        examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
+        skipped += undecodable
+    labels, dropped_labels = None, 0
+    if not distill_args.distill:
+        examples, labels, dropped_labels = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
+                                                                data_args.do_lower_case)
+    if not examples:
+        raise ValueError(f"Found no usable training clips in {data_args.train_data} ({len(skipped)} bad, "
+                         f"{dropped_long} longer than {data_args.max_duration_in_seconds} s, {dropped_labels} with "
+                         "transcripts over max_label_length); check the data and those limits.")
+    audios = [e["audio"] for e in examples]
+    if precompute and not fits_in_memory(len(audios), student.config):
+        logger.warning("Encoder outputs of %d clips would not fit in memory; the encoder runs every step instead.",
+                       len(audios))
+        precompute = False
+    states = None
+    if precompute or teacher is not None:
+        prefix = processor.tokenizer.prefix_tokens
+        generate_kwargs = {"max_new_tokens": max_label_length - len(prefix)}
+        if data_args.language is not None:
+            generate_kwargs.update(language=data_args.language, task=data_args.task)
+        student.eval()
+        states, pseudo_labels = precompute_targets(
+            audios, processor.feature_extractor, encoder=student.get_encoder() if precompute else None,
+            teacher=teacher, batch_size=distill_args.pseudo_label_batch_size, prefix=prefix,
+            generate_kwargs=generate_kwargs, device=device,
+        )
+        if pseudo_labels is not None:
+            labels = pseudo_labels
+            for ids in pseudo_labels[:3]:
+                logger.info("Pseudo-label: %r", processor.tokenizer.decode(ids, skip_special_tokens=True))
+    dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
+                                   skip_bad=data_args.skip_bad_samples)
+    report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
+              "train_dropped_long_labels": dropped_labels}
+    logger.info("Training clips: %s", report)
+    return dataset, report
+
+
+def build_eval_dataset(data_args, processor, max_label_length):
+    """Evaluation clips with tokenised transcripts; returns (dataset, report)."""
+    examples, skipped = load_clips([data_args.eval_data], data_args.eval_split, data_args,
+                                   data_args.max_eval_samples, require_text=True)
+    # Evaluating on a substitute for a damaged clip would change the eval set: damaged clips go before training.
+    examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
+    skipped += undecodable
+    examples, _ = drop_long_clips(examples, data_args.max_duration_in_seconds)
+    examples, labels, _ = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
+                                               data_args.do_lower_case)
+    dataset = SpeechSeq2SeqDataset([e["audio"] for e in examples], labels, processor.feature_extractor)
+    return dataset, {"eval_samples": len(dataset), "eval_skipped_bad": len(skipped)}
+
+
+def count_bad_clips(dataset: SpeechSeq2SeqDataset, device) -> int:
+    """Clips skipped mid-training as undecodable, over all processes (each reads its own share of the data)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dataset.num_bad
+    flags = dataset.bad if dataset.bad is not None else torch.zeros(len(dataset), dtype=torch.bool)
+    flags = flags.to(device, torch.int32)  # NCCL reduces only GPU tensors
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return int(flags.sum())
