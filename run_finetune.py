@@ -19,6 +19,18 @@ With `--distill` no transcript is used: the teacher (`--teacher_model_name_or_pa
 student was converted from) transcribes every training clip once, greedily, and the student learns the teacher's
 token distributions on those transcripts: loss = (1 - alpha) * T^2 * KL(teacher || student) + alpha * CE.
 
+Paired controls, one flag each, with the data, steps and schedule of the MLA run they are compared with:
+`--mha_baseline` fine-tunes the MHA model itself (no conversion; `--trainable mla` trains q/k/v/out of the blocks the
+MLA run converts) and saves a plain Whisper checkpoint; `--mla_from_scratch` converts as usual, then draws the
+low-rank projections afresh (what the SVD initialisation is worth).
+
+    python run_finetune.py configs/tiny-en-cpu.yaml --mha_baseline --output_dir outputs/tiny-en-mha-control
+    python run_finetune.py configs/tiny-en-cpu.yaml --mla_from_scratch --output_dir outputs/tiny-en-mla-scratch
+
+Long-form training: `--concatenate_to_seconds 30` joins consecutive utterances of one speaker (short silences
+between them) into samples of up to 30 s; `--concatenate_timestamps` labels each utterance with Whisper's timestamp
+tokens (with `--distill`, the teacher is asked for them), so that timestamped long-form decoding is trained.
+
 Every `checkpoint-N` and the final `output_dir` are Whisper-MLA checkpoints that load in a fresh process with
 `AutoModelForSpeechSeq2Seq.from_pretrained(path, trust_remote_code=True)`; `--resume_from_checkpoint latest`
 (or a checkpoint path) continues an interrupted run to the same weights as an uninterrupted one.
@@ -42,13 +54,14 @@ import logging
 import os
 import sys
 from dataclasses import fields
+from functools import partial
 
 import transformers
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
 from whisper_mla.arguments import run_cli
 from whisper_mla.conversion import MLAArguments
-from whisper_mla.hub import copy_remote_code, model_card, push_checkpoint, save_mla_checkpoint
+from whisper_mla.hub import copy_remote_code, model_card, push_checkpoint
 from whisper_mla.io import atomic_checkpoint_files
 from whisper_mla.training.arguments import DataArguments, DistillationArguments, ModelArguments, validate_arguments
 from whisper_mla.training.callbacks import TimeLimitCallback, WhisperMLACheckpointCallback, make_compute_metrics
@@ -59,6 +72,7 @@ from whisper_mla.training.data import (
     build_train_dataset,
     count_bad_clips,
 )
+from whisper_mla.training.controls import converted_block_names, is_mla_model, mha_control_card, save_model
 from whisper_mla.training.distillation import DistillationTrainer
 from whisper_mla.training.models import check_models, encoders_match, load_processor, load_student_and_teacher
 from whisper_mla.training.trainable import merge_lora, restore_lora_adapter, set_trainable
@@ -95,12 +109,21 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def training_summary(model_args, data_args, distill_args, training_args, data_report, metrics) -> str:
-    """Markdown for the model card: training settings, data and eval WER."""
+def training_summary(model_args, data_args, distill_args, training_args, data_report, metrics, mla_args=None) -> str:
+    """Markdown for the model card: training settings (a paired control says so first), data and eval WER."""
     args = training_args
     optim, schedule = getattr(args.optim, "value", args.optim), getattr(args.lr_scheduler_type, "value",
                                                                          args.lr_scheduler_type)
-    rows = [
+    rows = []
+    targets = ", ".join(mla_args.mla_targets) if mla_args is not None else "the MLA run's --mla_targets"
+    if model_args.mha_baseline:
+        rows.append(("control", "MHA control (--mha_baseline): the MHA model fine-tuned without conversion"
+                     + (f"; trainable mla = q/k/v/out of the blocks an MLA run converts ({targets})"
+                        if model_args.trainable in ("mla", "lora") else "")))
+    if model_args.mla_from_scratch:
+        rows.append(("control", f"MLA from scratch (--mla_from_scratch): low-rank projections re-initialised "
+                                f"randomly (seed {args.seed}), not from the SVD"))
+    rows += [
         ("trainable", model_args.trainable + (f" (r={model_args.lora_r}, alpha={model_args.lora_alpha})"
                                               if model_args.trainable == "lora" else "")),
         ("objective", f"distillation from {distill_args.teacher_model_name_or_path or 'the MHA original'} on its "
@@ -111,6 +134,13 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
                            f"{data_report['train_dropped_long']} too long dropped"
                            + (f", {metrics['train_skipped_bad_during_training']} undecodable skipped during training"
                               if metrics.get("train_skipped_bad_during_training") else "") + ")"),
+    ]
+    if "train_joined_samples" in data_report:
+        rows.append(("long-form samples", f"{data_report['train_joined_utterances']} utterances joined into "
+                     f"{data_report['train_joined_samples']} samples of up to {data_args.concatenate_to_seconds:g} s "
+                     f"(mean {data_report['train_joined_mean_seconds']:.1f} s), "
+                     + ("with timestamps" if data_args.concatenate_timestamps else "without timestamps")))
+    rows += [
         ("steps", f"{metrics.get('global_step')} (batch {args.per_device_train_batch_size} x "
                   f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes)"),
         ("optimizer", f"{optim}, lr {args.learning_rate}, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay "
@@ -126,15 +156,16 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
 
 
 def save_and_push(trainer, model, processor, card: str) -> None:
-    """The final Whisper-MLA checkpoint with our model card in output_dir; with --push_to_hub, that folder is pushed
-    (checkpoint-N folders excluded) as one commit, from process zero."""
+    """The final Whisper-MLA checkpoint (the MHA control's: a plain Whisper one) with our model card in output_dir;
+    with --push_to_hub, that folder is pushed (checkpoint-N folders excluded) as one commit, from process zero."""
     args = trainer.args
     if not trainer.is_world_process_zero():
         return
     # The checkpoint-N folders stay where they are; the model at the top appears complete or not at all.
     with atomic_checkpoint_files(args.output_dir) as tmp:
-        save_mla_checkpoint(model, processor, tmp, card_text=card)
-    logger.info("Saved the Whisper-MLA checkpoint to %s", args.output_dir)
+        save_model(model, processor, tmp, card_text=card)
+    logger.info("Saved the %s checkpoint to %s", "Whisper-MLA" if is_mla_model(model) else "Whisper (MHA control)",
+                args.output_dir)
     if args.push_to_hub:
         repo_id = push_checkpoint(args.output_dir, repo_id=trainer.hub_model_id or args.hub_model_id,
                                   token=args.hub_token, private=args.hub_private_repo)
@@ -163,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. Processor, student (converted from MHA here, or loaded), teacher.
     processor = load_processor(model_args.model_name_or_path)
-    student, teacher = load_student_and_teacher(model_args, distill_args, mla_args, processor)
+    student, teacher = load_student_and_teacher(model_args, distill_args, mla_args, processor, training_args.seed)
     if resume_checkpoint is not None:
         check_resume_matches(student.config, resume_checkpoint)
     student.to(training_args.device)
@@ -174,8 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
         student.generation_config.language, student.generation_config.task = data_args.language, data_args.task
     max_label_length = data_args.max_label_length or student.config.max_target_positions
 
-    # 3. What trains; whether one encoder pass can serve student and teacher.
-    model = set_trainable(student, model_args)
+    # 3. What trains (the MHA control: the blocks an MLA run converts); whether one encoder pass can serve student
+    # and teacher.
+    model = set_trainable(student, model_args, converted_block_names(student, mla_args))
     if resume_checkpoint is not None and model_args.trainable == "lora":
         # Checked now, before any expensive work; the Trainer restores it again when it resumes.
         restore_lora_adapter(model, resume_checkpoint)
@@ -184,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Data.
     train_dataset, data_report = build_train_dataset(data_args, distill_args, model_args, student, teacher,
-                                                     processor, max_label_length, share_encoder, training_args.device)
+                                                     processor, max_label_length, share_encoder, training_args.device,
+                                                     training_args.seed)
     eval_dataset = None
     if data_args.eval_data is not None:
         eval_dataset, eval_report = build_eval_dataset(data_args, processor, max_label_length)
@@ -195,7 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
         if resume_checkpoint is None and model_args.overwrite_output_dir:
             clear_output_dir(training_args.output_dir)
         os.makedirs(training_args.output_dir, exist_ok=True)
-        copy_remote_code(training_args.output_dir)  # so that pushes of intermediate checkpoints carry it too
+        if is_mla_model(student):
+            copy_remote_code(training_args.output_dir)  # so that pushes of intermediate checkpoints carry it too
+    card = model_card if is_mla_model(student) else partial(mha_control_card, base_model=model_args.model_name_or_path)
     trainer = DistillationTrainer(
         model=model,
         args=training_args,
@@ -205,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_metrics=make_compute_metrics(processor.tokenizer, data_args.language)
         if training_args.predict_with_generate else None,
-        callbacks=[WhisperMLACheckpointCallback(processor, mla_args.mla_attn_implementation)]
+        callbacks=[WhisperMLACheckpointCallback(processor, mla_args.mla_attn_implementation, card)]
         + ([TimeLimitCallback(model_args.max_train_minutes)] if model_args.max_train_minutes else []),
         teacher=teacher,
         share_encoder=share_encoder,
@@ -226,10 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_metrics("all", metrics)
     trainer.save_state()  # trainer_state.json: the loss and eval history
 
-    # 7. Save the Whisper-MLA checkpoint with its model card; push.
-    card = model_card(model, extra=training_summary(model_args, data_args, distill_args, training_args, data_report,
-                                                    metrics))
-    save_and_push(trainer, model, processor, card)
+    # 7. Save the Whisper-MLA checkpoint (the MHA control's: a plain Whisper one) with its model card; push.
+    summary = training_summary(model_args, data_args, distill_args, training_args, data_report, metrics, mla_args)
+    save_and_push(trainer, model, processor, card(model, extra=summary))
     return metrics
 
 

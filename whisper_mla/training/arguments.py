@@ -33,6 +33,23 @@ class ModelArguments:
                   "clip: 2.3 MB for tiny, 4.6 MB for small); otherwise it runs every step, once for student and "
                   "teacher together."},
     )
+    mha_baseline: bool = field(
+        default=False,
+        metadata={"help": "Paired control: fine-tune the MHA model itself, without the MHA -> MLA conversion, on the "
+                  "same data, steps and schedule as the MLA run: the only fair baseline after fine-tuning. --trainable "
+                  "mla then trains q/k/v/out of the blocks the MLA run converts (--mla_targets); all and attention "
+                  "as usual; lora puts LoRA on those blocks' q/k/v/out. The output is a plain Whisper checkpoint "
+                  "(model_type whisper) whose model card says it is the MHA control. Needs a Whisper (MHA) "
+                  "--model_name_or_path; not with --mla_from_scratch or --push_to_hub."},
+    )
+    mla_from_scratch: bool = field(
+        default=False,
+        metadata={"help": "Paired control: convert as usual (same shapes and config), then re-initialise the "
+                  "low-rank projections of every converted block (kv_a_proj, k_b_proj, v_b_proj, and the shared "
+                  "decoder.cross_kv_a_proj) with the model's own init (normal with std init_std, zero biases), drawn "
+                  "from --seed; q_proj, out_proj and everything else keep the original weights. Measures what the "
+                  "SVD initialisation is worth. Needs a Whisper (MHA) --model_name_or_path."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start afresh in a non-empty output_dir: it is deleted as a whole when training starts."},
@@ -84,6 +101,22 @@ class DataArguments:
         default=None,
         metadata={"help": "Drop (and count) transcripts of more tokens; pseudo-labels are capped to it. Default: the "
                   "model's max_target_positions."},
+    )
+    concatenate_to_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Long-form training: join consecutive utterances of one speaker into samples of up to this "
+                  "many seconds (at most 30, Whisper's window; e.g. 30) with silences of 0.1-0.5 s drawn from --seed, "
+                  "transcripts joined with spaces. Speakers are the manifest's speaker or voice field, else the "
+                  "clip's folder (LibriSpeech: speaker-chapter); utterances keep the order of the data. Clips longer "
+                  "than this are dropped (counted as too long); --max_train_samples counts utterances before joining; "
+                  "evaluation data is not joined. With --distill the teacher transcribes the joined audio."},
+    )
+    concatenate_timestamps: bool = field(
+        default=False,
+        metadata={"help": "With --concatenate_to_seconds: labels with Whisper's timestamp tokens, `<|start|> "
+                  "text<|end|>` per joined utterance on the 0.02 s grid and no <|notimestamps|> in the prompt, so "
+                  "that timestamped (long-form) decoding is trained; with --distill the teacher is asked for "
+                  "timestamps (and decodes the audio, not precomputed encoder outputs)."},
     )
     do_lower_case: bool = field(default=False, metadata={"help": "Lower-case transcripts before tokenising."})
     language: str | None = field(
@@ -142,6 +175,19 @@ def validate_arguments(model_args, data_args, distill_args, training_args) -> No
     check_number("--max_label_length", data_args.max_label_length, minimum=2, optional=True,
                  fix="pass room for the prompt tokens and the text, or leave it out for the model's maximum")
     check_number("--pseudo_label_batch_size", distill_args.pseudo_label_batch_size, minimum=1)
+    check_number("--concatenate_to_seconds", data_args.concatenate_to_seconds, above=0, maximum=30, optional=True,
+                 fix="pass at most 30 (Whisper's window), e.g. 30, or leave it out to train on single utterances")
+    if data_args.concatenate_timestamps and data_args.concatenate_to_seconds is None:
+        raise ValueError("--concatenate_timestamps expects --concatenate_to_seconds (the joined samples it "
+                         "timestamps), but found none; pass --concatenate_to_seconds 30, or drop "
+                         "--concatenate_timestamps.")
+    if model_args.mha_baseline and model_args.mla_from_scratch:
+        raise ValueError("--mha_baseline and --mla_from_scratch are two separate controls (an unconverted model, and "
+                         "a converted one with random low-rank projections), but found both; run them one at a time.")
+    if model_args.mha_baseline and training_args.push_to_hub:
+        raise ValueError("--push_to_hub expects a Whisper-MLA checkpoint (with the remote code it loads with), but "
+                         "--mha_baseline saves a plain Whisper checkpoint; drop --push_to_hub and upload output_dir "
+                         "with huggingface_hub's upload_folder.")
     args = training_args
     check_number("--per_device_train_batch_size", args.per_device_train_batch_size, minimum=1)
     check_number("--per_device_eval_batch_size", args.per_device_eval_batch_size, minimum=1)

@@ -9,9 +9,10 @@ import time
 import numpy as np
 from transformers import TrainerCallback
 
-from whisper_mla.hub import copy_remote_code, model_card, save_mla_checkpoint
+from whisper_mla.hub import copy_remote_code, model_card
 from whisper_mla.io import atomic_checkpoint_files
 from whisper_mla.metrics import compute_wer, get_normalizer
+from whisper_mla.training.controls import is_mla_model, save_model
 from whisper_mla.training.trainable import LORA_ADAPTER_DIR, merge_lora
 
 
@@ -19,19 +20,22 @@ logger = logging.getLogger(__name__)
 
 
 class WhisperMLACheckpointCallback(TrainerCallback):
-    """Makes each `checkpoint-N` a Whisper-MLA checkpoint that loads with trust_remote_code=True.
+    """Makes each `checkpoint-N` a Whisper-MLA checkpoint that loads with trust_remote_code=True (the MHA control's:
+    a plain Whisper checkpoint).
 
     The Trainer writes weights, config (with auto_map), generation config and processor; this adds the remote code.
     For LoRA runs it moves the Trainer's adapter files to `checkpoint-N/lora_adapter/` (what a resume reads) and
-    writes the merged plain Whisper-MLA model in their place.
+    writes the merged plain model in their place.
 
     Args:
         processor: saved into every merged checkpoint.
         attn_implementation: the decode path of merged LoRA checkpoints (see `merge_lora`).
+        card: the model card of merged checkpoints, from the merged model; default: `whisper_mla.hub.model_card`.
     """
 
-    def __init__(self, processor, attn_implementation: str):
+    def __init__(self, processor, attn_implementation: str, card=None):
         self.processor, self.attn_implementation = processor, attn_implementation
+        self.card = card or model_card
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:
@@ -47,8 +51,8 @@ class WhisperMLACheckpointCallback(TrainerCallback):
                     os.replace(os.path.join(folder, name), os.path.join(adapter_dir, name))
             merged = merge_lora(copy.deepcopy(model), self.attn_implementation)
             with atomic_checkpoint_files(folder) as tmp:  # killed mid-save, the folder's top level does not load
-                save_mla_checkpoint(merged, self.processor, tmp, card_text=model_card(merged))
-        else:
+                save_model(merged, self.processor, tmp, card_text=self.card(merged))
+        elif is_mla_model(model):
             copy_remote_code(folder)
 
 

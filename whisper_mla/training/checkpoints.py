@@ -5,10 +5,11 @@ import json
 import logging
 import os
 
+from transformers import WhisperConfig
 from transformers.trainer_utils import sort_checkpoints
 
 from configuration_whisper_mla import WhisperMLAConfig
-from whisper_mla.io import CheckpointError, check_output_dir, remove_dir
+from whisper_mla.io import CheckpointError, check_output_dir, checkpoint_config, remove_dir
 from whisper_mla.training.models import load_whisper
 
 
@@ -88,10 +89,18 @@ def check_resume_checkpoint(checkpoint: str, lora: bool = False) -> str:
 def check_resume_matches(config, checkpoint: str) -> None:
     """The Trainer copies a checkpoint's weights into the model this run built (converted afresh, or loaded), leniently:
     a block converted in one but not the other would keep random or unconverted weights. Both must agree on the
-    architecture and the MLA layout, kept key dims included (with 2-norm selection they depend on the calibration)."""
+    model type (the MHA control's plain Whisper, or Whisper-MLA), the architecture and the MLA layout, kept key dims
+    included (with 2-norm selection they depend on the calibration)."""
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):  # a LoRA checkpoint without its merged model
         return
-    saved = WhisperMLAConfig.from_pretrained(checkpoint)
+    saved_type = checkpoint_config(checkpoint).get("model_type")
+    if saved_type != config.model_type:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds a {saved_type} model, but this run builds a "
+            f"{config.model_type} model (--mha_baseline trains the unconverted Whisper); resume with the flags of "
+            "that run, or start afresh."
+        )
+    saved = (WhisperMLAConfig if saved_type == "whisper_mla" else WhisperConfig).from_pretrained(checkpoint)
     differ = []
     for name in RESUME_MUST_MATCH:
         there, here = getattr(saved, name, None), getattr(config, name, None)

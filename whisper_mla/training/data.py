@@ -1,5 +1,6 @@
-"""Training and evaluation data of recovery training: clips loaded and filtered, transcripts tokenised or replaced by
-the teacher's greedy transcripts (pseudo-labels), encoder outputs precomputed, the dataset and its collator."""
+"""Training and evaluation data of recovery training: clips loaded and filtered (and joined into long-form samples,
+see `whisper_mla.training.concatenate`), transcripts tokenised or replaced by the teacher's greedy transcripts
+(pseudo-labels), encoder outputs precomputed, the dataset and its collator."""
 
 import logging
 import os
@@ -12,13 +13,21 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, as_waveform, drop_undecodable, load_speech_dataset
 from whisper_mla.training.arguments import DataArguments
+from whisper_mla.training.concatenate import (
+    concatenate_examples,
+    first_window,
+    timestamp_label_ids,
+    timestamp_prefix,
+    timestamp_token,
+)
 
 
 logger = logging.getLogger(__name__)
 
 
 def load_clips(sources: list[str], split, data_args: DataArguments, max_samples, require_text: bool):
-    """Decoded examples of every source, concatenated, and the messages of the rows skipped as bad."""
+    """Decoded examples of every source, concatenated, and the messages of the rows skipped as bad. Each example
+    also names its "source" (the entry of `sources` it came from)."""
     examples, skipped = [], []
     for source in sources:
         remaining = None if max_samples is None else max_samples - len(examples)
@@ -29,7 +38,7 @@ def load_clips(sources: list[str], split, data_args: DataArguments, max_samples,
             max_samples=remaining, skip_bad=data_args.skip_bad_samples, require_text=require_text,
             config_name=data_args.dataset_config_name, lazy=data_args.lazy_audio_loading,
         )
-        examples += dataset.examples
+        examples += [{**example, "source": source} for example in dataset.examples]
         skipped += dataset.skipped
     return examples, skipped
 
@@ -40,37 +49,47 @@ def drop_long_clips(examples: list[dict], max_seconds: float) -> tuple[list[dict
     return kept, len(examples) - len(kept)
 
 
-def tokenize_transcripts(examples, tokenizer, max_label_length: int, do_lower_case: bool):
-    """Label ids `<|startoftranscript|> <prefix> text <|endoftext|>` per example; drops too-long ones.
+def tokenize_transcripts(examples, tokenizer, max_label_length: int, do_lower_case: bool, timestamps: bool = False):
+    """Label ids `<|startoftranscript|> <prefix> text <|endoftext|>` per example; drops too-long ones. With
+    `timestamps`, joined examples' labels carry timestamp tokens around each segment (`timestamp_label_ids`).
 
     Returns (examples kept, their label ids, number dropped).
     """
     kept, labels = [], []
     for example in examples:
-        text = example["text"].lower() if do_lower_case else example["text"]
-        ids = tokenizer(text).input_ids
+        if timestamps:
+            ids = timestamp_label_ids(example["segments"], tokenizer, do_lower_case)
+        else:
+            ids = tokenizer(example["text"].lower() if do_lower_case else example["text"]).input_ids
         if len(ids) <= max_label_length:
             kept.append(example)
             labels.append(ids)
     return kept, labels, len(examples) - len(kept)
 
 
-def pseudo_label_ids(sequence: list[int], prefix: list[int], eos_token_id: int) -> list[int]:
+def pseudo_label_ids(sequence: list[int], prefix: list[int], eos_token_id: int,
+                     timestamp_begin: int | None = None) -> list[int]:
     """Label ids from one generated sequence: the tokenizer's prefix, the text up to and including the first
-    end-of-text (padding after it dropped). Whisper's generate may or may not return the prompt; both work."""
+    end-of-text (padding after it dropped). Whisper's generate may or may not return the prompt; both work. A
+    timestamped transcript (`timestamp_begin`: the id of <|0.00|>) is kept up to where its timestamps go back and
+    ends with end-of-text (see `concatenate.first_window`)."""
     if sequence[: len(prefix)] == prefix:
         sequence = sequence[len(prefix):]
     if eos_token_id in sequence:
         sequence = sequence[: sequence.index(eos_token_id) + 1]
+    if timestamp_begin is not None:
+        sequence = first_window(list(sequence), timestamp_begin, eos_token_id)
     return list(prefix) + list(sequence)
 
 
 @torch.no_grad()
 def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, batch_size=16, prefix=None,
-                       generate_kwargs=None, device="cpu"):
+                       generate_kwargs=None, device="cpu", timestamp_begin=None):
     """One pass over the training clips, in batches: the encoder outputs (if `encoder` is given) and the teacher's
     greedy transcripts as label ids (if `teacher` is given). The teacher decodes from the precomputed encoder
-    outputs when there are any, so the encoder runs once per clip.
+    outputs when there are any, so the encoder runs once per clip; except for timestamped transcripts
+    (`timestamp_begin` given, see `pseudo_label_ids`), where generate may take a second pass over part of the
+    features, which encoder outputs of the whole window cannot serve.
 
     Returns (encoder outputs: list of (frames, d_model) CPU tensors, or None; pseudo-labels: list of id lists or None).
     """
@@ -86,10 +105,11 @@ def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, ba
         if states is not None:
             states += list(hidden.cpu().unbind(0))
         if teacher is not None:
-            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)} if hidden is not None \
-                else {"input_features": features}
+            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)} \
+                if hidden is not None and timestamp_begin is None else {"input_features": features}
             sequences = teacher.generate(**inputs, **(generate_kwargs or {}), num_beams=1, do_sample=False)
-            labels += [pseudo_label_ids(s, prefix, teacher.config.eos_token_id) for s in sequences.tolist()]
+            labels += [pseudo_label_ids(s, prefix, teacher.config.eos_token_id, timestamp_begin)
+                       for s in sequences.tolist()]
     return states, labels
 
 
@@ -175,41 +195,54 @@ def fits_in_memory(num_clips: int, config, fraction: float = 0.5) -> bool:
 
 
 def build_train_dataset(data_args, distill_args, model_args, student, teacher, processor, max_label_length,
-                        share_encoder: bool, device):
+                        share_encoder: bool, device, seed: int = 0):
     """Training clips with their targets: tokenised transcripts, or with --distill the teacher's greedy transcripts
-    (made once, batched). When the encoder is shared and frozen, its outputs are computed here once per clip.
+    (made once, batched). When the encoder is shared and frozen, its outputs are computed here once per clip. With
+    --concatenate_to_seconds the clips are first joined into long-form samples (with --concatenate_timestamps,
+    labelled or transcribed with timestamps).
 
     Args:
         data_args, distill_args, model_args: the script's arguments (sources, limits, --distill, precomputing).
-        student: the Whisper-MLA model; its encoder computes the precomputed outputs.
+        student: the Whisper-MLA model (or the MHA control); its encoder computes the precomputed outputs.
         teacher: the frozen teacher that transcribes the clips with --distill, else None.
         processor: feature extractor and tokenizer (with the run's prefix tokens).
         max_label_length: the longest label in tokens, prompt included.
         share_encoder: the student's encoder is frozen and equals the teacher's (see `DistillationTrainer`).
         device: where the encoder and teacher run.
+        seed: draws the silences between joined utterances.
 
     Returns:
-        (a `SpeechSeq2SeqDataset`, a report of how many clips were used, skipped and dropped).
+        (a `SpeechSeq2SeqDataset`, a report of how many clips were used, skipped, dropped and joined).
     """
     examples, skipped = load_clips(data_args.train_data, data_args.train_split, data_args,
                                    data_args.max_train_samples, require_text=not distill_args.distill)
     for message in skipped:
         logger.warning("Skipped: %s", message)
-    examples, dropped_long = drop_long_clips(examples, data_args.max_duration_in_seconds)
+    max_seconds = data_args.max_duration_in_seconds
+    if data_args.concatenate_to_seconds is not None:
+        max_seconds = min(max_seconds, data_args.concatenate_to_seconds)  # no joined sample is longer either
+    examples, dropped_long = drop_long_clips(examples, max_seconds)
     precompute = share_encoder and model_args.precompute_encoder_outputs
     if precompute or teacher is not None:
         # Every clip is decoded up front for the encoder outputs or the teacher's transcripts anyway (an extra
         # decode is cheap next to that): find lazily loaded clips that do not decode before any of it.
         examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
         skipped += undecodable
+    joined_report = {}
+    if data_args.concatenate_to_seconds is not None and examples:
+        examples, joined_report = concatenate_examples(examples, data_args.concatenate_to_seconds, seed)
+        logger.info("Joined %d utterances into %d samples of %.1f s on average (at most %g s).",
+                    joined_report["train_joined_utterances"], joined_report["train_joined_samples"],
+                    joined_report["train_joined_mean_seconds"], data_args.concatenate_to_seconds)
+    timestamps = data_args.concatenate_timestamps
     labels, dropped_labels = None, 0
     if not distill_args.distill:
         examples, labels, dropped_labels = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
-                                                                data_args.do_lower_case)
+                                                                data_args.do_lower_case, timestamps)
     if not examples:
         raise ValueError(f"Found no usable training clips in {data_args.train_data} ({len(skipped)} bad, "
-                         f"{dropped_long} longer than {data_args.max_duration_in_seconds} s, {dropped_labels} with "
-                         "transcripts over max_label_length); check the data and those limits.")
+                         f"{dropped_long} longer than {max_seconds} s, {dropped_labels} with transcripts over "
+                         "max_label_length); check the data and those limits.")
     audios = [e["audio"] for e in examples]
     if precompute and not fits_in_memory(len(audios), student.config):
         logger.warning("Encoder outputs of %d clips would not fit in memory; the encoder runs every step instead.",
@@ -217,24 +250,29 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
         precompute = False
     states = None
     if precompute or teacher is not None:
-        prefix = processor.tokenizer.prefix_tokens
+        tokenizer = processor.tokenizer
+        prefix = timestamp_prefix(tokenizer) if timestamps else tokenizer.prefix_tokens
         generate_kwargs = {"max_new_tokens": max_label_length - len(prefix)}
         if data_args.language is not None:
             generate_kwargs.update(language=data_args.language, task=data_args.task)
+        if timestamps:  # generate drops the final <|endoftext|> of timestamped transcripts: room to put it back
+            generate_kwargs.update(return_timestamps=True, max_new_tokens=generate_kwargs["max_new_tokens"] - 1)
         student.eval()
         states, pseudo_labels = precompute_targets(
             audios, processor.feature_extractor, encoder=student.get_encoder() if precompute else None,
             teacher=teacher, batch_size=distill_args.pseudo_label_batch_size, prefix=prefix,
             generate_kwargs=generate_kwargs, device=device,
+            timestamp_begin=timestamp_token(tokenizer, 0.0) if timestamps else None,
         )
         if pseudo_labels is not None:
             labels = pseudo_labels
             for ids in pseudo_labels[:3]:
-                logger.info("Pseudo-label: %r", processor.tokenizer.decode(ids, skip_special_tokens=True))
+                logger.info("Pseudo-label: %r", tokenizer.decode(ids, skip_special_tokens=not timestamps,
+                                                                 decode_with_timestamps=timestamps))
     dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
                                    skip_bad=data_args.skip_bad_samples)
     report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
-              "train_dropped_long_labels": dropped_labels}
+              "train_dropped_long_labels": dropped_labels, **joined_report}
     logger.info("Training clips: %s", report)
     return dataset, report
 

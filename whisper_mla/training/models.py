@@ -1,6 +1,8 @@
 """Loading the student and teacher of recovery training: Whisper (MHA) or Whisper-MLA checkpoints, strictly; the MHA
-student converted to MLA here; and the checks on both made on the meta device before any work."""
+student converted to MLA here (or kept as it is, or re-initialised: the paired controls); and the checks on both made
+on the meta device before any work."""
 
+import copy
 import logging
 
 import torch
@@ -10,6 +12,7 @@ from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
 from whisper_mla.hub import register_remote_code
 from whisper_mla.io import checkpoint_config, from_pretrained_strict
+from whisper_mla.training.controls import check_control_flags, is_mla_model, reinitialise_low_rank_projections
 from whisper_mla.transcription import build_generate_kwargs
 
 
@@ -33,9 +36,10 @@ def load_whisper(name_or_path: str, check_only: bool = False):
 
 def load_processor(name_or_path: str) -> WhisperProcessor:
     """The feature extractor and tokenizer saved next to the model. WhisperProcessor, not AutoProcessor: the latter
-    resolves a Whisper-MLA config's auto_map and asks to trust remote code."""
+    resolves a Whisper-MLA config's auto_map. trust_remote_code=False: without it even WhisperProcessor reads the
+    auto_map and asks on stdin (a run would stall there); the processor needs no remote code."""
     try:
-        return WhisperProcessor.from_pretrained(name_or_path)
+        return WhisperProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
             f"Expected a Whisper processor (feature extractor + tokenizer) next to the model in {name_or_path!r}, but "
@@ -57,11 +61,23 @@ def check_mla_flags_match(config, mla_args: MLAArguments) -> None:
         logger.warning("--calibration_data is ignored: the model is already a Whisper-MLA checkpoint.")
 
 
-def load_student_and_teacher(model_args, distill_args, mla_args, processor):
-    """The Whisper-MLA student (converted here from an MHA checkpoint, or loaded) and, with --distill, the frozen
-    teacher. Returns (student, teacher or None)."""
+def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed: int = 0):
+    """The student and, with --distill, the frozen teacher.
+
+    The student is the Whisper-MLA model (converted here from an MHA checkpoint, or loaded); with --mla_from_scratch
+    its low-rank projections are then drawn afresh from `seed`; with --mha_baseline it is the MHA model itself,
+    unconverted (the paired control), and the default teacher is a frozen copy of it.
+
+    Returns:
+        (student, teacher or None).
+    """
     model, is_mla = load_whisper(model_args.model_name_or_path)
-    if is_mla:
+    check_control_flags(model_args, is_mla)
+    if model_args.mha_baseline:
+        if mla_args.calibration_data is not None:
+            logger.warning("--calibration_data is ignored: --mha_baseline does not convert the model.")
+        student, mha = model, model
+    elif is_mla:
         check_mla_flags_match(model.config, mla_args)
         student, mha = model.set_mla_runtime(attn_implementation=mla_args.mla_attn_implementation), None
     else:
@@ -71,13 +87,18 @@ def load_student_and_teacher(model_args, distill_args, mla_args, processor):
         student = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
                                          feature_extractor=processor.feature_extractor)
         mha = model
-    register_remote_code(student.config)  # every checkpoint-N config.json then names the shipped code
+        if model_args.mla_from_scratch:
+            names = reinitialise_low_rank_projections(student, seed)
+            logger.info("--mla_from_scratch: re-initialised %d low-rank projections (seed %d): %s", len(names), seed,
+                        ", ".join(names))
+    if is_mla_model(student):
+        register_remote_code(student.config)  # every checkpoint-N config.json then names the shipped code
     if not distill_args.distill:
         return student, None
     if distill_args.teacher_model_name_or_path is not None:
         teacher, _ = load_whisper(distill_args.teacher_model_name_or_path)
     elif mha is not None:
-        teacher = mha
+        teacher = copy.deepcopy(mha) if mha is student else mha  # the MHA control's teacher: a frozen copy of itself
     else:
         base = (student.config.mla_conversion or {}).get("base_model")
         raise ValueError(
@@ -105,7 +126,8 @@ def check_models(model_args, data_args, distill_args, training_args) -> None:
     the tokenizer would otherwise put <|en|><|transcribe|> into every label, a prompt the model never sees when it
     transcribes; another language or translation is refused.
     """
-    student, _ = load_whisper(model_args.model_name_or_path, check_only=True)
+    student, start_is_mla = load_whisper(model_args.model_name_or_path, check_only=True)
+    check_control_flags(model_args, start_is_mla)
     max_positions = student.config.max_target_positions
     for flag, value in (("--max_label_length", data_args.max_label_length),
                         ("--generation_max_length", training_args.generation_max_length)):

@@ -7,13 +7,15 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from whisper_mla.io import CheckpointError
 from whisper_mla.training.arguments import ModelArguments
+from whisper_mla.training.controls import converted_block_names, is_mla_model
 
 
 MLA_PROJECTIONS = ("q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "out_proj")
+MHA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # the MHA control's blocks (--mha_baseline)
 LORA_ADAPTER_DIR = "lora_adapter"  # inside checkpoint-N: what a LoRA run resumes from
 
 
-def set_trainable(model, model_args: ModelArguments):
+def set_trainable(model, model_args: ModelArguments, block_names: list[str] | None = None):
     """Applies --trainable. Returns the model to train: the same model, or a peft `PeftModel` for LoRA.
 
     `all` trains every parameter but the sinusoidal encoder positions, which Whisper keeps fixed; `attention` trains
@@ -21,14 +23,22 @@ def set_trainable(model, model_args: ModelArguments):
     `lora` adds LoRA to the MLA projections of converted blocks and freezes everything else; until the adapter is
     merged (`merge_lora`), the model decodes through the modules (mla_attn_implementation "naive").
 
+    The MHA control (--mha_baseline) trains the same blocks unconverted: `mla` their q/k/v/out, `lora` LoRA on those.
+
     Args:
-        model: a `WhisperMLAForConditionalGeneration`; its requires_grad flags are changed in place.
+        model: a `WhisperMLAForConditionalGeneration`, or the MHA control's `WhisperForConditionalGeneration`; its
+            requires_grad flags are changed in place.
         model_args: --trainable and the LoRA settings.
+        block_names: the blocks `mla` and `lora` train (relative to `model.model`); default: the converted blocks of
+            a Whisper-MLA model. Required for an MHA model (`controls.converted_block_names`).
 
     Returns:
         the model to train.
     """
     mode = model_args.trainable
+    mla = is_mla_model(model)
+    if block_names is None:
+        block_names = converted_block_names(model)
     model.requires_grad_(mode == "all")
     if mode == "all":
         model.get_encoder().embed_positions.requires_grad_(False)  # fixed sinusoids (loading may unfreeze them)
@@ -40,7 +50,7 @@ def set_trainable(model, model_args: ModelArguments):
         return model
     shared_down = getattr(model.model.decoder, "cross_kv_a_proj", None)  # a narrow shared cross latent's projection
     if mode == "mla":
-        for name in model.config.mla_block_names():
+        for name in block_names:
             model.model.get_submodule(name).requires_grad_(True)
         if shared_down is not None:
             shared_down.requires_grad_(True)
@@ -48,15 +58,17 @@ def set_trainable(model, model_args: ModelArguments):
     from peft import LoraConfig, get_peft_model
 
     modules = dict(model.named_modules())
-    targets = [f"model.{block}.{proj}" for block in model.config.mla_block_names() for proj in MLA_PROJECTIONS
+    projections = MLA_PROJECTIONS if mla else MHA_PROJECTIONS
+    targets = [f"model.{block}.{proj}" for block in block_names for proj in projections
                if f"model.{block}.{proj}" in modules]  # blocks reading a shared cross latent have no kv_a_proj
     if shared_down is not None:
         targets.append("model.decoder.cross_kv_a_proj")
     lora_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                              lora_dropout=model_args.lora_dropout, target_modules=targets, bias="none")
-    # The absorbed decode path reads k_b_proj/v_b_proj weights directly, which would skip unmerged LoRA factors:
-    # decode through the modules until the adapter is merged (merge_lora sets the decode path again).
-    model.set_mla_runtime(attn_implementation="naive")
+    if mla:
+        # The absorbed decode path reads k_b_proj/v_b_proj weights directly, which would skip unmerged LoRA factors:
+        # decode through the modules until the adapter is merged (merge_lora sets the decode path again).
+        model.set_mla_runtime(attn_implementation="naive")
     # When saving, peft reads the config at the base model's name_or_path to see if the vocabulary changed; a converted
     # student's name_or_path is its MHA original, not a Whisper-MLA config. Only this script reads the adapter back.
     model.name_or_path = ""
@@ -72,13 +84,14 @@ def merge_lora(model, attn_implementation: str):
             LoRA model to "naive"): the run's --mla_attn_implementation.
 
     Returns:
-        a `WhisperMLAForConditionalGeneration`.
+        a `WhisperMLAForConditionalGeneration` (the MHA control: a `WhisperForConditionalGeneration`).
     """
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         return model
-    return model.merge_and_unload().set_mla_runtime(attn_implementation=attn_implementation)
+    merged = model.merge_and_unload()
+    return merged.set_mla_runtime(attn_implementation=attn_implementation) if is_mla_model(merged) else merged
 
 
 def restore_lora_adapter(model, checkpoint: str) -> None:
