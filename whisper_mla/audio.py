@@ -210,7 +210,8 @@ class SpeechDataset:
     """Decoded examples plus an account of the rows that were skipped.
 
     Attributes:
-        examples: dicts `{"id": str, "audio": float32 mono 16 kHz np.ndarray, "text": str | None}`.
+        examples: dicts `{"id": str, "audio": float32 mono 16 kHz np.ndarray, "text": str | None,
+            "speaker": str | None}` (speaker: a manifest entry's "speaker" or "voice", LibriSpeech's SPEAKER-CHAPTER).
         skipped: one message per row skipped with `skip_bad=True` (where it was and why).
         source: a description of where the data came from, for logs.
     """
@@ -253,6 +254,7 @@ class _Row(NamedTuple):
     path: Optional[str]
     data: Optional[bytes]
     text: Optional[str]
+    speaker: Optional[str] = None  # who speaks, where the source says (manifest "speaker"/"voice", LibriSpeech ids)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def _decode_rows(
             logger.warning("Skipping %s", message)
             dataset.skipped.append(message)
             continue
-        dataset.examples.append({"id": row.id, "audio": audio, "text": text})
+        dataset.examples.append({"id": row.id, "audio": audio, "text": text, "speaker": row.speaker})
     return dataset
 
 
@@ -411,7 +413,8 @@ def _manifest_rows(manifest_path: Path) -> Iterator[_Row]:
         if audio_path is not None:
             audio_path = str(folder / audio_path)  # absolute paths stay absolute
         example_id = str(entry.get("id") or Path(str(entry.get("path", index))).with_suffix("").as_posix())
-        yield _Row(example_id, where, audio_path, None, entry.get("text"))
+        speaker = entry.get("speaker") or entry.get("voice")
+        yield _Row(example_id, where, audio_path, None, entry.get("text"), str(speaker) if speaker else None)
 
 
 def _folder_rows(
@@ -463,7 +466,7 @@ def _librispeech_rows(transcript_files: list) -> Iterator[_Row]:
             where = f"utterance {utterance_id} (line {line_number} of {transcript_file})"
             candidates = [transcript_file.parent / f"{utterance_id}{ext}" for ext in AUDIO_EXTENSIONS]
             audio_path = next((p for p in candidates if p.is_file()), candidates[0])  # missing: .flac in the error
-            yield _Row(utterance_id, where, str(audio_path), None, text)
+            yield _Row(utterance_id, where, str(audio_path), None, text, utterance_id.rsplit("-", 1)[0])
 
 
 def _audiofolder_rows(metadata_path: Path, text_column: str, require_text: bool) -> Iterator[_Row]:

@@ -9,15 +9,13 @@ the order of the data and are packed greedily: an utterance joins the current sa
 S seconds. Lazily loaded clips stay lazy: a joined sample is a `JoinedAudio`, decoded when a step reads it.
 """
 
-import json
 import posixpath
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from whisper_mla.audio import SAMPLING_RATE, LazyAudio, _manifest_rows, as_waveform
+from whisper_mla.audio import SAMPLING_RATE, LazyAudio, as_waveform
 
 
 WHISPER_WINDOW_SECONDS = 30.0  # the longest sample: Whisper's input window, and its last timestamp token <|30.00|>
@@ -57,33 +55,14 @@ def speaker_keys(examples: list[dict]) -> list[tuple]:
     Returns:
         one hashable key per example.
     """
-    manifests = {}
     keys = []
     for example in examples:
-        source = example["source"]
-        if source not in manifests:
-            manifests[source] = manifest_speakers(source)
-        speaker = manifests[source].get(example["id"])
+        source, speaker = example["source"], example.get("speaker")
         if speaker is None:
             match = LIBRISPEECH_ID.match(example["id"])
             speaker = match.group(1) if match else posixpath.dirname(example["id"])
         keys.append((source, speaker))
     return keys
-
-
-def manifest_speakers(source: str) -> dict[str, str]:
-    """{example id: speaker} of a JSON manifest: the entry's `speaker`, else `voice`, else its audio file's folder.
-    Empty for other sources. Ids are the loader's own (`whisper_mla.audio`), read from the same rows."""
-    path = Path(source).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".json"):
-        return {}
-    entries = json.loads(path.read_text(encoding="utf-8"))["annotation"]  # the loader has checked the format
-    speakers = {}
-    for entry, row in zip(entries, _manifest_rows(path)):
-        entry = entry if isinstance(entry, dict) else {}
-        speaker = entry.get("speaker") or entry.get("voice")
-        speakers[row.id] = str(speaker) if speaker else posixpath.dirname(str(row.path or ""))
-    return speakers
 
 
 def plan_joins(lengths: list[int], keys: list, max_samples: int, rng: np.random.Generator) -> list[tuple]:
