@@ -10,16 +10,18 @@ import contextlib
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-from playwright.sync_api import expect, sync_playwright
 
-import app
-from modeling_whisper_mla import expected_cache_bytes_per_token
-from whisper_mla.metrics import corpus_wer, normalize_english
+
+pytest.importorskip("gradio", reason="the web demo needs gradio: pip install -e '.[app]'")
+import app  # noqa: E402
+from modeling_whisper_mla import expected_cache_bytes_per_token  # noqa: E402
+from whisper_mla.metrics import corpus_wer, normalize_english  # noqa: E402
 
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -60,12 +62,24 @@ def test_examples_are_small_real_16khz_clips():
     assert "CC-BY-SA-3.0" in (app.EXAMPLES_DIR / "README.md").read_text()
 
 
+def beam_transcript(asr, audio) -> str:
+    """What the pipeline's model says about a clip of at most 30 s, decoded here with the app's beams."""
+    features = asr.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        tokens = asr.model.generate(features, num_beams=app.NUM_BEAMS)
+    return asr.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+
 def test_cache_bytes_are_measured_on_the_real_cache(tiny_store, echo):
     audio, _ = echo
+    start = time.perf_counter()
     mha = app.transcribe(tiny_store.mha, audio)
+    wall = time.perf_counter() - start
     mla_asr = tiny_store.get_mla(None, int8=False)
     mla = app.transcribe(mla_asr, audio)
-    assert mha.text and mla.text and mha.seconds > 0
+    assert mha.text == beam_transcript(tiny_store.mha, audio) != ""
+    assert mla.text == beam_transcript(mla_asr, audio) != ""
+    assert 0 < mha.seconds <= wall
     # what the formulas of the modeling file say one token costs, times what the measured cache holds: 5 beams,
     # `tokens` decoder positions, 1500 encoder frames (one cross latent per utterance when beams share it)
     per_token_mha = expected_cache_bytes_per_token(tiny_store.mha.model.config, torch.float32, mha=True)
@@ -102,7 +116,9 @@ def test_long_audio_is_transcribed_in_chunks(tiny_store, echo, monkeypatch):
     monkeypatch.setattr(model, "generate", lambda *args, **kwargs: calls.append(args) or generate(*args, **kwargs))
     result = app.transcribe(tiny_store.mha, long_audio)
     assert len(calls) == 3  # 30 s windows with the pipeline's default overlap of 5 s at each side
-    assert result.text
+    monkeypatch.undo()
+    expected = tiny_store.mha(long_audio, chunk_length_s=30, generate_kwargs={"num_beams": app.NUM_BEAMS})["text"]
+    assert result.text == expected.strip() != ""
     assert result.cache["tokens"] < model.generation_config.max_length  # one window's cache, not the sum
     assert "largest 30 s window" in app.stats_markdown(tiny_store.mha, result, len(long_audio) / 16000)
 
@@ -161,10 +177,12 @@ def test_default_conversion_is_cached_by_its_settings(tiny_checkpoint_dirs, monk
 @pytest.fixture
 def chromium_page():
     """A page of Debian's Chromium, headless, driven by Playwright (its own browser download is not needed)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need Playwright: pip install -e "
+                                   "'.[dev]'")
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail("The browser tests need Debian's Chromium: `apt-get install chromium` (scripts/install.sh).")
-    with sync_playwright() as playwright:
+    with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, permissions=["microphone"])
         page.set_default_timeout(TIMEOUT_MS)
@@ -195,7 +213,10 @@ def page_cache_row(page, label: str) -> list[int]:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_in_chromium(tiny_checkpoint_dirs, tiny_store, echo, chromium_page, tmp_path):
+    from playwright.sync_api import expect
+
     mha_dir, mla_dir = tiny_checkpoint_dirs
     store = app.ModelStore(app.AppArguments(mha_model=mha_dir, mla_model=mla_dir))  # started once the page is up
     page = chromium_page
@@ -268,7 +289,9 @@ def test_page_in_chromium(tiny_checkpoint_dirs, tiny_store, echo, chromium_page,
 @pytest.mark.real_weights
 @pytest.mark.slow
 def test_real_default_in_chromium(chromium_page, monkeypatch, tmp_path):
-    """The embedded default: the packaged tiny.en and its MLA conversion (converted now unless cached)."""
+    """The embedded default: the packaged tiny.en and its MLA conversion (converted now: the session's cache is new)."""
+    from playwright.sync_api import expect
+
     monkeypatch.delenv(app.ENV_MHA_MODEL, raising=False)
     monkeypatch.delenv(app.ENV_MLA_MODEL, raising=False)
     store = app.ModelStore(app.AppArguments()).start()

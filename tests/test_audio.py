@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from helpers import tone
 from whisper_mla.audio import SAMPLING_RATE, LazyAudio, SpeechDataError, as_waveform, load_audio, load_speech_dataset
 
 
@@ -14,12 +15,6 @@ from whisper_mla.audio import SAMPLING_RATE, LazyAudio, SpeechDataError, as_wave
 RATES_AND_TONES = [(8000, 440.0), (22050, 1000.0), (44100, 3000.0)]
 SECONDS = 0.5
 TEXTS = ["the first utterance", "a second one", "and the third"]
-
-
-def tone(frequency: float, sampling_rate: int, seconds: float = SECONDS, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
-    wave = (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
-    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
 
 
 def dominant_frequency(audio: np.ndarray) -> float:
@@ -39,7 +34,7 @@ def write_tones(folder, extension: str, names: list) -> list:
     paths = []
     for index, (name, (rate, frequency)) in enumerate(zip(names, RATES_AND_TONES)):
         path = folder / f"{name}{extension}"
-        soundfile.write(path, tone(frequency, rate, channels=2 if index == 1 else 1), rate)
+        soundfile.write(path, tone(frequency, rate, SECONDS, amplitude=0.5, channels=2 if index == 1 else 1), rate)
         paths.append(path)
     return paths
 
@@ -163,7 +158,7 @@ def test_max_samples(manifest_path):
 
 def test_g722(tmp_path):
     G722 = pytest.importorskip("G722")
-    samples = (tone(440.0, 16000) * 20000).astype(np.int16)
+    samples = (tone(440.0, 16000, SECONDS, amplitude=0.5) * 20000).astype(np.int16)
     path = tmp_path / "prompt.g722"
     path.write_bytes(G722.G722(16000, 64000).encode(samples))
     assert_is_tone(load_audio(path), 440.0)
@@ -173,7 +168,8 @@ def test_g722(tmp_path):
 def test_lazy_loading_decodes_on_read(librispeech_dir, saved_dataset_dir, tmp_path):
     """Paths (files) and encoded bytes (datasets) stay undecoded; lengths come from headers; reads decode alike."""
     G722 = pytest.importorskip("G722")
-    (tmp_path / "prompt.g722").write_bytes(G722.G722(16000, 64000).encode((tone(440.0, 16000) * 20000).astype(np.int16)))
+    samples = (tone(440.0, 16000, SECONDS, amplitude=0.5) * 20000).astype(np.int16)
+    (tmp_path / "prompt.g722").write_bytes(G722.G722(16000, 64000).encode(samples))
     (tmp_path / "g722.json").write_text(json.dumps({"annotation": [{"path": "prompt.g722", "text": "a prompt"}]}))
     for data in (librispeech_dir, saved_dataset_dir, tmp_path / "g722.json"):
         eager, lazy = load_speech_dataset(data), load_speech_dataset(data, lazy=True)

@@ -17,8 +17,12 @@ def test_defaults_and_round_trip(tmp_path):
     assert config.mla_targets == ["decoder_self", "decoder_cross"]
     assert config.mla_block_names() == ["decoder.layers.0.self_attn", "decoder.layers.0.encoder_attn",
                                         "decoder.layers.1.self_attn", "decoder.layers.1.encoder_attn"]
-    assert config.kept_key_indices["decoder.layers.1.encoder_attn"] == [[0, 7], [0, 7]]
+    assert (config.cross_attention_latent, config.cross_kv_lora_rank) == ("shared", None)
+    assert config.kept_key_indices["decoder.layers.1.self_attn"] == [[0, 7], [0, 7]]
+    assert config.kept_key_indices["decoder.layers.1.encoder_attn"] == [[], []]  # the shared latent keeps no dims
     assert config.mla_cache_values_per_token("decoder.layers.0.self_attn") == 8 + 2 * 2
+    per_layer = WhisperMLAConfig(**SMALL, kv_lora_rank=8, kept_key_dims=2, cross_attention_latent="per_layer")
+    assert per_layer.kept_key_indices["decoder.layers.1.encoder_attn"] == [[0, 7], [0, 7]]
     config.save_pretrained(tmp_path)
     loaded = WhisperMLAConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()

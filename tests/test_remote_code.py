@@ -2,53 +2,32 @@
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from whisper_mla.conversion import convert_whisper_to_mla
 from convert_whisper_to_mla import main as convert_main
+from helpers import (  # noqa: F401 (BLOCK_PROJECT, PROJECT_MODULES, run_fresh: imported from here by other tests)
+    BLOCK_PROJECT,
+    PROJECT_MODULES,
+    noise_clips,
+    run_fresh,
+    run_script,
+)
+from whisper_mla.conversion import convert_whisper_to_mla
 from whisper_mla.hub import save_mla_checkpoint
 
 
-PROJECT_MODULES = ["configuration_whisper_mla", "modeling_whisper_mla", "pipeline_whisper_mla",
-                   "convert_whisper_to_mla", "import_ctranslate2", "run_eval", "run_finetune", "whisper_mla"]
-
-# Runs first in the fresh process: any import of a project module fails, so only the checkpoint's own code is used.
-BLOCK_PROJECT = f"""
-import importlib.abc, sys
-class _BlockProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {PROJECT_MODULES!r}:
-            raise ImportError("project module " + name + " imported outside the checkpoint")
-sys.meta_path.insert(0, _BlockProject())
-"""
-
-
-def run_fresh(code: str, tmp_path) -> dict:
-    """Runs `code` in a new interpreter outside the repo; the code prints one JSON line last."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    script = tmp_path / "fresh.py"
-    script.write_text(BLOCK_PROJECT + textwrap.dedent(code))
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module", params=["per_layer", "shared"])
-def saved_checkpoint(request, tiny_mha, tiny_en_processor, tmp_path_factory):
+def saved_checkpoint(request, tiny_mha, tiny_processor, tmp_path_factory):
     """Per-layer cross latents, or one shared cross latent narrower than d_model (so its down-projection ships)."""
     shared = dict(cross_attention_latent="shared", cross_kv_lora_rank=10) if request.param == "shared" else dict(
         cross_attention_latent="per_layer")
     model = convert_whisper_to_mla(tiny_mha, kv_lora_rank=6, kept_key_dims=2, **shared)
     path = tmp_path_factory.mktemp("mla_checkpoint")
-    save_mla_checkpoint(model, tiny_en_processor, str(path))
+    save_mla_checkpoint(model, tiny_processor, str(path))
     return model, path
 
 
@@ -66,6 +45,7 @@ def test_saved_folder_is_self_contained(saved_checkpoint):
     assert "pipeline_tag: automatic-speech-recognition" in card and "library_name: transformers" in card
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_with_same_logits(saved_checkpoint, tmp_path):
     model, path = saved_checkpoint
     x = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(1))
@@ -96,9 +76,15 @@ def test_fresh_process_loads_with_same_logits(saved_checkpoint, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
 
 
-def test_pipeline_takes_whisper_path(saved_checkpoint, tmp_path):
-    _, path = saved_checkpoint
-    np.save(tmp_path / "long.npy", (0.1 * np.random.default_rng(0).standard_normal(16000 * 40)).astype(np.float32))
+@pytest.mark.slow
+def test_pipeline_takes_whisper_path(saved_checkpoint, tiny_processor, tmp_path):
+    """The Hub-native pipeline (remote code, fresh process) is the project's WhisperMLAPipeline and transcribes
+    exactly as it does in this process: short, chunked long-form with batches, and with timestamps."""
+    from pipeline_whisper_mla import WhisperMLAPipeline
+
+    model, path = saved_checkpoint
+    (audio,) = noise_clips((40,))
+    np.save(tmp_path / "long.npy", audio)
     out = run_fresh(f"""
         import json, numpy as np
         from transformers import pipeline
@@ -111,8 +97,21 @@ def test_pipeline_takes_whisper_path(saved_checkpoint, tmp_path):
                            "chunked": chunked["text"], "chunks": stamped.get("chunks")}}))
     """, tmp_path)
     assert out["type"] == "seq2seq_whisper" and out["cls"] == "WhisperMLAPipeline"
-    assert isinstance(out["short"], str) and isinstance(out["chunked"], str)
-    assert isinstance(out["chunks"], list) and all(len(c["timestamp"]) == 2 for c in out["chunks"])
+
+    # the same calls in this process, on one thread as the fresh process runs (OMP_NUM_THREADS=1): the same floats
+    asr = WhisperMLAPipeline(model=model, tokenizer=tiny_processor.tokenizer,
+                             feature_extractor=tiny_processor.feature_extractor)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        short = asr(audio[: 16000 * 3], generate_kwargs={"max_new_tokens": 8})["text"]
+        chunked = asr(audio, chunk_length_s=30, batch_size=2, generate_kwargs={"max_new_tokens": 8})["text"]
+        chunks = asr(audio[: 16000 * 5], return_timestamps=True, generate_kwargs={"max_new_tokens": 8})["chunks"]
+    finally:
+        torch.set_num_threads(threads)
+    assert short.strip() and chunked.strip() and chunks  # the random model does say something
+    assert (out["short"], out["chunked"]) == (short, chunked)
+    assert out["chunks"] == [{"text": c["text"], "timestamp": list(c["timestamp"])} for c in chunks]
 
 
 def test_cli_refuses_bad_inputs_before_any_work(tiny_checkpoint_dirs, tmp_path, monkeypatch):
@@ -135,22 +134,20 @@ def test_cli_refuses_bad_inputs_before_any_work(tiny_checkpoint_dirs, tmp_path, 
     assert os.listdir(tmp_path) == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "user data"
 
 
-def test_cli_converts_a_folder(tiny_mha, tiny_en_processor, tmp_path, monkeypatch):
-    src, out = tmp_path / "mha", tmp_path / "mla"
-    tiny_mha.save_pretrained(src)
-    tiny_en_processor.save_pretrained(src)
-    monkeypatch.setattr(sys, "argv", ["convert_whisper_to_mla.py", "--model_name_or_path", str(src), "--output_dir",
+def test_cli_converts_a_folder(tiny_checkpoint_dirs, tmp_path, monkeypatch):
+    mha_dir, _ = tiny_checkpoint_dirs
+    out = tmp_path / "mla"
+    monkeypatch.setattr(sys, "argv", ["convert_whisper_to_mla.py", "--model_name_or_path", mha_dir, "--output_dir",
                                       str(out), "--kv_lora_rank", "4", "--kept_key_dims", "1", "--mla_targets",
                                       "decoder_cross"])
     convert_main()
     config = json.loads((out / "config.json").read_text())
     assert (config["kv_lora_rank"], config["kept_key_dims"], config["mla_targets"]) == (4, 1, ["decoder_cross"])
+    assert {"model.safetensors", "tokenizer.json", "modeling_whisper_mla.py"} <= set(os.listdir(out))
 
 
-def test_cli_help():
-    import convert_whisper_to_mla
-
-    result = subprocess.run([sys.executable, convert_whisper_to_mla.__file__, "--help"], capture_output=True,
-                            text=True, timeout=120)
+@pytest.mark.slow
+def test_cli_help(tmp_path):
+    result = run_script("convert_whisper_to_mla.py", ["--help"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--kv_lora_rank" in result.stdout and "--key_selection" in result.stdout

@@ -10,26 +10,30 @@ the assertions only need that round to be the outlier: the median must stay insi
 
 import json
 import os
-import subprocess
+import statistics
 import sys
 
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperConfig
 
 import run_benchmark
 from configuration_whisper_mla import WhisperMLAConfig
-from whisper_mla.conversion import convert_whisper_to_mla
+from helpers import ROOT, fresh_env, random_whisper, run_script
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla
 from whisper_mla.hub import save_mla_checkpoint
 from modeling_whisper_mla import expected_cache_bytes_per_token
 from whisper_mla.benchmark import (
     ATTENTIONS,
     AUDIO_FRAMES,
-    BENCHMARK_KV_LORA_RANK,
     SIZES,
     SLOW_ENV,
+    MLA_VARIANTS,
     SPREAD_LIMIT,
+    injected_step_delay,
     load_between,
+    load_models,
+    machine_description,
     paired_ratios,
     rotated,
     run_warnings,
@@ -37,7 +41,6 @@ from whisper_mla.benchmark import (
 )
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KV_LORA_RANK, KEPT_KEY_DIMS, NEW_TOKENS, BATCH_SIZES, ROUNDS = 16, 4, 4, (1, 2), 3
 SLOWED_ROUND, STEP_DELAY_S = 1, 1.0  # MHA's worker, round 2 of 3: 1 s per step against milliseconds
 PROMPT = 1  # test-tiny has no language/task tokens: the decoder prompt is the start token only
@@ -79,13 +82,13 @@ def run(tmp_path_factory):
     """One benchmark run with MHA slowed in one round: (output dir, results.json, terminal output)."""
     out = tmp_path_factory.mktemp("benchmark")
     command = [
-        sys.executable, os.path.join(ROOT, "run_benchmark.py"), "--size", "test-tiny", "--output_dir", str(out),
+        "--size", "test-tiny", "--output_dir", str(out),
         "--batch_sizes", *map(str, BATCH_SIZES), "--new_tokens", str(NEW_TOKENS), "--num_beams", "1",
         "--rounds", str(ROUNDS), "--kv_lora_rank", str(KV_LORA_RANK), "--kept_key_dims", str(KEPT_KEY_DIMS),
         "--device", "cpu",
     ]
-    env = dict(os.environ, **{SLOW_ENV: f"mha:{SLOWED_ROUND}:{STEP_DELAY_S}"})
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_script("run_benchmark.py", command, cwd=ROOT, timeout=1800,
+                      env=fresh_env(**{SLOW_ENV: f"mha:{SLOWED_ROUND}:{STEP_DELAY_S}"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.json") as f:
         return out, json.load(f), proc.stdout
@@ -100,7 +103,8 @@ def test_records_have_exact_cache_bytes(run):
         (a, b) for a in ATTENTIONS for b in BATCH_SIZES
     )
     for r in records:
-        assert r["device"] == "cpu" and r["device_name"] and r["model"]
+        assert (r["device"], r["device_name"]) == ("cpu", machine_description("cpu"))
+        assert r["model"] == "whisper-test-tiny (random weights)"
         assert (r["num_beams"], r["new_tokens"], r["prompt_tokens"]) == (1, NEW_TOKENS, PROMPT)
         expected = expected_cache_bytes(r["attention"], r["batch_size"], NEW_TOKENS)
         assert (r["cache_bytes_self"], r["cache_bytes_cross"]) == (expected["self"], expected["cross"])
@@ -111,6 +115,13 @@ def test_records_have_exact_cache_bytes(run):
         encoder_bytes = r["batch_size"] * FRAMES * SIZES["test-tiny"]["d_model"] * 4
         assert r["peak_memory_bytes"] > r["param_bytes"] + encoder_bytes
         assert [m["round"] for m in r["rounds"]] == list(range(ROUNDS))
+        # each round: batch tokens per step; the record: the median and range over the rounds
+        for m in r["rounds"]:
+            assert m["decode_tokens_per_s"] * m["decode_step_ms"] / 1000 == pytest.approx(r["batch_size"])
+        for metric in ("decode_tokens_per_s", "decode_step_ms", "first_step_s", "decode_tokens_per_cpu_s"):
+            values = [m[metric] for m in r["rounds"]]
+            assert (r[metric], r[f"{metric}_min"], r[f"{metric}_max"]) == (
+                statistics.median(values), min(values), max(values)), metric
 
     by_key = {(r["attention"], r["batch_size"]): r for r in records}
     for batch in BATCH_SIZES:
@@ -131,16 +142,26 @@ def test_rounds_rotate_and_record_threads_and_load(run):
     ]
     cpus = os.cpu_count()
     for load in [results["load"]["before"], results["load"]["during"], *results["rounds"]]:
-        assert 0 <= load["other_cpus"] <= cpus and 0 <= load["steal_share"] <= 1 and load["seconds"] > 0
+        assert 0 <= load["other_cpus"] <= cpus and 0 <= load["steal_share"] <= 1
         assert len(load["load_average"]) == 3
+    # the wall-clock spans: 2 s of sampling before the run; the run holds every round; a slowed round holds MHA's
+    # NEW_TOKENS delayed steps (its other settings take milliseconds per step)
+    assert results["load"]["before"]["seconds"] == pytest.approx(2.0, abs=0.5)
+    assert results["load"]["during"]["seconds"] >= sum(r["seconds"] for r in results["rounds"])
+    for r in results["rounds"]:
+        if r["round"] == SLOWED_ROUND:
+            assert r["seconds"] >= NEW_TOKENS * STEP_DELAY_S
 
 
 @pytest.mark.slow
 def test_slowed_round_leaves_the_median_ratio_and_is_flagged(run):
     out, results, terminal = run
     for mha in (r for r in results["records"] if r["attention"] == "mha"):
-        slowed = mha["rounds"][SLOWED_ROUND]["decode_tokens_per_s"]
-        assert slowed < mha["decode_tokens_per_s"] / 10, "the hook did not slow MHA's worker"
+        slowed = mha["rounds"][SLOWED_ROUND]
+        # each of the NEW_TOKENS - 1 timed steps waited STEP_DELAY_S: a bound that holds however busy the machine
+        assert slowed["decode_step_ms"] >= 1000 * STEP_DELAY_S
+        assert slowed["decode_tokens_per_s"] <= mha["batch_size"] / STEP_DELAY_S
+        assert slowed["decode_tokens_per_s"] < mha["decode_tokens_per_s"] / 10, "the hook did not slow MHA's worker"
     speed = [r for r in results["ratios"] if r["metric"] == "decode_tokens_per_s"]
     assert sorted((r["attention"], r["batch_size"]) for r in speed) == sorted(
         (a, b) for a in MLA_ATTENTIONS for b in BATCH_SIZES
@@ -225,53 +246,54 @@ def test_warnings_name_a_busy_machine_and_the_fix(monkeypatch):
     assert "--num_threads 1" in warnings[1] and "idle machine" in warnings[1]
 
 
-def test_benchmark_defaults_to_the_original_whisper_mla_rank(monkeypatch, tmp_path):
-    """The benchmark's own kv_lora_rank default (the Whisper_MLA setting) on the command line and in a JSON file;
-    an explicit value wins."""
-    for argv, rank in (([], BENCHMARK_KV_LORA_RANK), (["--kv_lora_rank", "48"], 48)):
+def test_benchmark_takes_the_converters_defaults(monkeypatch, tmp_path):
+    """The converter's MLA defaults (one default per setting) on the command line and in a JSON file; an explicit
+    value wins."""
+    default_rank = MLAArguments().kv_lora_rank
+    assert default_rank == WhisperMLAConfig().kv_lora_rank
+    for argv, rank in (([], default_rank), (["--kv_lora_rank", "48"], 48)):
         monkeypatch.setattr(sys, "argv", ["run_benchmark.py", "--output_dir", "x", "--size", "tiny", *argv])
         args, mla_args = run_benchmark.parse_arguments()
         assert (mla_args.kv_lora_rank, args.num_threads, args.rounds) == (rank, 1, 5)
-    (tmp_path / "args.json").write_text(json.dumps({"output_dir": "x", "size": "tiny"}))
+    (tmp_path / "args.json").write_text(json.dumps({"output_dir": "x", "size": "tiny", "kept_key_dims": 2}))
     monkeypatch.setattr(sys, "argv", ["run_benchmark.py", str(tmp_path / "args.json")])
-    assert run_benchmark.parse_arguments()[1].kv_lora_rank == BENCHMARK_KV_LORA_RANK
+    args, mla_args = run_benchmark.parse_arguments()
+    assert (args.size, mla_args.kv_lora_rank, mla_args.kept_key_dims) == ("tiny", default_rank, 2)
 
 
 def test_an_mla_checkpoint_is_measured_with_the_variants_of_its_layout(tmp_path):
     """--mla_model_name_or_path: by default the variants its cross-attention layout serves; asking for another
     layout's variant is refused, naming the layout found."""
-    torch.manual_seed(0)
-    mha = WhisperForConditionalGeneration(WhisperConfig(**SIZES["test-tiny"])).eval()
+    mha = random_whisper(WhisperConfig(**SIZES["test-tiny"]))
     mha.save_pretrained(tmp_path / "mha")
     save_mla_checkpoint(convert_whisper_to_mla(mha, kv_lora_rank=KV_LORA_RANK, cross_attention_latent="shared"),
                         None, str(tmp_path / "mla"))
     args = run_benchmark.BenchmarkArguments(output_dir=str(tmp_path / "out"), model_name_or_path=str(tmp_path / "mha"),
                                             mla_model_name_or_path=str(tmp_path / "mla"))
-    _, mlas, _ = run_benchmark.load_models(args, run_benchmark.MLAArguments())
+    _, mlas, _ = load_models(args, MLAArguments())
     assert sorted(mlas) == ["mla-shared-absorbed", "mla-shared-absorbed-int8"]
     args.attentions = ["mha", "mla-absorbed"]
     with pytest.raises(ValueError, match="cross_attention_latent='shared'"):
-        run_benchmark.load_models(args, run_benchmark.MLAArguments())
+        load_models(args, MLAArguments())
 
 
 def test_malformed_slow_hook_is_refused(monkeypatch):
     monkeypatch.setenv(SLOW_ENV, "mha-1-0.5")
     with pytest.raises(ValueError, match="ATTENTION:ROUND:SECONDS_PER_STEP"):
-        run_benchmark.injected_step_delay("mha", 1)
+        injected_step_delay("mha", 1)
     monkeypatch.setenv(SLOW_ENV, "mha:1:0.5")
-    assert [run_benchmark.injected_step_delay(a, r) for a, r in (("mha", 1), ("mha", 0), ("mla-naive", 1))] == [
+    assert [injected_step_delay(a, r) for a, r in (("mha", 1), ("mha", 0), ("mla-naive", 1))] == [
         0.5, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_beam_search_cache_holds_every_beam(attention):
     """Self-attention: every beam. Cross-attention: every beam for MHA, one latent per utterance for MLA."""
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(WhisperConfig(**SIZES["test-tiny"])).eval()
+    model = random_whisper(WhisperConfig(**SIZES["test-tiny"]))
     if attention != "mha":
         model = convert_whisper_to_mla(model, kv_lora_rank=KV_LORA_RANK, kept_key_dims=KEPT_KEY_DIMS,
-                                       **run_benchmark.MLA_VARIANTS[attention].get("conversion", {}),
-                                       **run_benchmark.MLA_VARIANTS[attention]["config"])
+                                       **MLA_VARIANTS[attention].get("conversion", {}),
+                                       **MLA_VARIANTS[attention]["config"])
     batch, beams = 2, 3
     with torch.inference_mode():
         hidden = model.model.encoder(torch.randn(batch, model.config.num_mel_bins, AUDIO_FRAMES)).last_hidden_state

@@ -1,15 +1,17 @@
 """run_eval.py: the CLI end to end (model + baseline), WER against hand-counted edits, and bad inputs."""
 
 import json
-import subprocess
+import time
 
 import jiwer
 import numpy as np
 import pytest
+import torch
 
 import run_eval
+from helpers import write_clips, write_manifest
 from whisper_mla import transcription
-from whisper_mla.audio import SpeechDataError
+from whisper_mla.audio import SpeechDataError, load_speech_dataset
 
 
 KV_LORA_RANK, KEPT_KEY_DIMS = 8, 2  # of conftest's tiny_checkpoint_dirs
@@ -18,19 +20,12 @@ REQUIRED_KEYS = {"model", "num_samples", "num_skipped", "wer", "wer_ortho", "cac
                  "cache_bytes_per_30s_utterance", "cache_bytes_per_30s_utterance_definition", "decode_tokens_per_s"}
 
 
-def write_manifest(folder, entries: list[dict]) -> str:
-    path = folder / "manifest.json"
-    path.write_text(json.dumps({"annotation": entries}))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def speech_dir(tmp_path_factory):
-    """Three espeak-ng clips (22.05 kHz WAV, resampled to 16 kHz by whisper_mla.audio) and a manifest of them."""
+    """Three tones at 22.05 kHz (resampled to 16 kHz by whisper_mla.audio) with TEXTS as transcripts, and a manifest
+    of them."""
     folder = tmp_path_factory.mktemp("speech")
-    for index, text in enumerate(TEXTS):
-        subprocess.run(["espeak-ng", "-w", str(folder / f"clip{index}.wav"), text], check=True, capture_output=True)
-    write_manifest(folder, [{"path": f"clip{i}.wav", "text": text} for i, text in enumerate(TEXTS)])
+    write_clips(folder, TEXTS, sampling_rate=22050)
     return folder
 
 
@@ -47,6 +42,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def test_cli_with_baseline(tiny_checkpoint_dirs, speech_dir, tmp_path, tiny_mha):
+    """Both models' transcripts and token counts are what they decode, and the cache figures are the analytic ones."""
     mha_dir, mla_dir = tiny_checkpoint_dirs
     cli(mla_dir, speech_dir / "manifest.json", tmp_path, "--baseline_model", mha_dir)
 
@@ -68,16 +64,40 @@ def test_cli_with_baseline(tiny_checkpoint_dirs, speech_dir, tmp_path, tiny_mha)
         config.max_target_positions
     )
     assert results["cache_reduction_percent"] == pytest.approx(100 * (1 - mla_per_token / mha_per_token))
-    assert results["decode_tokens_per_s"] > 0
+    for name, result in (("model", results), ("baseline", results["baseline"])):
+        assert result["decode_tokens_per_s"] == pytest.approx(result["generated_tokens"] / result["generate_seconds"])
+        assert result["generated_tokens"] == expected_generation(result["model"], speech_dir)[1], name
 
     table = results["comparison_table"].splitlines()
     assert len(table) == 4 and mla_dir in table[2] and mha_dir in table[3]
 
-    for name in ("predictions.jsonl", "baseline_predictions.jsonl"):
+    for name, model_dir in (("predictions.jsonl", mla_dir), ("baseline_predictions.jsonl", mha_dir)):
         predictions = read_jsonl(tmp_path / name)
         assert [p["id"] for p in predictions] == ["clip0", "clip1", "clip2"]
         assert [p["reference"] for p in predictions] == TEXTS
-        assert {"hypothesis", "reference_normalized", "hypothesis_normalized"} <= set(predictions[0])
+        assert [p["hypothesis"] for p in predictions] == expected_generation(model_dir, speech_dir)[0]
+        assert {"reference_normalized", "hypothesis_normalized"} <= set(predictions[0])
+
+
+def expected_generation(model_dir, speech_dir) -> tuple[list[str], int]:
+    """(transcripts, text and timestamp tokens) of the CLI's decoding, redone here: greedy, 4 new tokens, batches of
+    2 (the batch size the CLI ran with, so that the floats are the same)."""
+    from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+    model = AutoModelForSpeechSeq2Seq.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    audios = [example["audio"] for example in load_speech_dataset(speech_dir / "manifest.json")]
+    special = set(processor.tokenizer.all_special_ids)
+    texts, num_tokens = [], 0
+    for start in range(0, len(audios), 2):
+        features = processor.feature_extractor(audios[start : start + 2], sampling_rate=16000,
+                                               return_tensors="pt").input_features
+        with torch.no_grad():
+            sequences = model.generate(features, max_new_tokens=4, num_beams=1)
+        num_tokens += sum(token not in special for token in sequences.flatten().tolist())
+        texts += [text.strip() for text in processor.batch_decode(sequences, skip_special_tokens=True)]
+    assert num_tokens > 0  # the random model does say something, so the comparisons above can fail
+    return texts, num_tokens
 
 
 def test_cli_refuses_existing_results(tiny_checkpoint_dirs, speech_dir, tmp_path):
@@ -106,15 +126,15 @@ def test_int8_cache_flag(tiny_checkpoint_dirs, speech_dir, tmp_path, tiny_mha):
 # --------------------------------------------------------------------------------------------- WER
 
 
-def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_en_processor):
+def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_processor):
     references = ["The cat sat on the mat.", "Hello world"]
     hypotheses = ["the cat sat on mat", "Hello, there world!"]
     # Normalised: one deletion ("the") + one insertion ("there") over 6 + 2 reference words.
     # Raw: The->the, mat.->mat, -the | Hello->Hello,, +there, world->world!: 3 + 3 edits over 8 words.
-    monkeypatch.setattr(run_eval, "transcribe", lambda *args, **kwargs: (hypotheses, 7, 2.0))
+    monkeypatch.setattr(transcription, "transcribe", lambda *args, **kwargs: (hypotheses, 7, 2.0))
     dataset = [{"id": str(i), "audio": np.zeros(16000, np.float32), "text": text} for i, text in enumerate(references)]
 
-    results = transcription.evaluate_model(tiny_mha, tiny_en_processor, dataset)
+    results = transcription.evaluate_model(tiny_mha, tiny_processor, dataset)
 
     assert results["wer"] == 100 * 2 / 8
     assert results["wer_ortho"] == 100 * 6 / 8
@@ -123,11 +143,35 @@ def test_wer_is_corpus_edits_over_reference_words(monkeypatch, tiny_mha, tiny_en
     assert [p["hypothesis_normalized"] for p in results["predictions"]] == ["the cat sat on mat", "hello there world"]
 
 
-def test_batch_with_a_clip_over_30s_uses_long_form(tiny_mha, tiny_en_processor):
-    clips = [np.zeros(16000 * 35, np.float32), np.zeros(16000, np.float32)]  # 35 s is not truncated to 30 s
-    hypotheses, num_tokens, seconds = transcription.transcribe(tiny_mha, tiny_en_processor, clips, batch_size=2,
-                                                          generate_kwargs={"max_new_tokens": 4})
-    assert len(hypotheses) == 2 and num_tokens > 0 and seconds > 0
+def test_batch_with_a_clip_over_30s_uses_long_form(tiny_mha, tiny_processor, monkeypatch):
+    """A batch holding a 35 s clip goes to generate() whole (3500 frames, not cut to 30 s) with its attention mask and
+    timestamps, which Whisper's sequential long-form decoding needs; a batch of short clips keeps the 30 s window.
+    The counts are those of what generate() returned."""
+    calls, generate = [], tiny_mha.generate
+
+    def spy(features, **kwargs):
+        sequences = generate(features, **kwargs)
+        calls.append((features.shape, kwargs, sequences))
+        return sequences
+
+    monkeypatch.setattr(tiny_mha, "generate", spy)
+    clips = [np.zeros(16000 * 35, np.float32), np.zeros(16000, np.float32)]
+    start = time.perf_counter()
+    hypotheses, num_tokens, seconds = transcription.transcribe(tiny_mha, tiny_processor, clips, batch_size=2,
+                                                               generate_kwargs={"max_new_tokens": 4})
+    elapsed = time.perf_counter() - start
+    (shape, kwargs, sequences), = calls
+    assert tuple(shape) == (2, 80, 3500)
+    assert kwargs["return_timestamps"] is True and kwargs["attention_mask"].sum(-1).tolist() == [3500, 100]
+    special = set(tiny_processor.tokenizer.all_special_ids)
+    assert num_tokens == sum(token not in special for token in sequences.flatten().tolist())
+    assert hypotheses == [t.strip() for t in tiny_processor.batch_decode(sequences, skip_special_tokens=True)]
+    assert 0 < seconds <= elapsed
+
+    calls.clear()
+    transcription.transcribe(tiny_mha, tiny_processor, clips[1:], generate_kwargs={"max_new_tokens": 4})
+    (shape, kwargs, _), = calls
+    assert tuple(shape) == (1, 80, 3000) and "attention_mask" not in kwargs and "return_timestamps" not in kwargs
 
 
 def test_english_only_model_refuses_other_languages(tiny_mha):
@@ -142,8 +186,8 @@ def test_english_only_model_refuses_other_languages(tiny_mha):
 
 
 def test_missing_audio_names_the_file(tiny_checkpoint_dirs, speech_dir, tmp_path):
-    manifest = write_manifest(tmp_path, [{"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
-                                         {"path": "nowhere.wav", "text": "lost"}])
+    manifest = write_manifest(tmp_path / "manifest.json", [
+        {"path": str(speech_dir / "clip0.wav"), "text": "hello world"}, {"path": "nowhere.wav", "text": "lost"}])
     with pytest.raises(SpeechDataError, match=r"nowhere\.wav.*skip_bad"):
         cli(tiny_checkpoint_dirs[1], manifest, tmp_path / "out")
 
@@ -162,7 +206,7 @@ def test_not_a_whisper_checkpoint(speech_dir, tmp_path):
 
 
 def test_skip_bad_samples_are_counted(tiny_checkpoint_dirs, speech_dir, tmp_path):
-    manifest = write_manifest(tmp_path, [
+    manifest = write_manifest(tmp_path / "manifest.json", [
         {"path": str(speech_dir / "clip0.wav"), "text": "hello world"},
         {"path": "nowhere.wav", "text": "lost"},
         {"path": str(speech_dir / "clip1.wav"), "text": "  "},
@@ -179,21 +223,9 @@ def test_skip_bad_samples_are_counted(tiny_checkpoint_dirs, speech_dir, tmp_path
 # --------------------------------------------------------------------------------------------- real weights
 
 
-def real_eval_manifest():
-    """make_speech_data's held-out real_eval.json (Asterisk prompts, human speech), built if needed."""
-    make_speech_data = pytest.importorskip("make_speech_data")
-    output_dir = make_speech_data.default_output_dir()
-    manifest = output_dir / "real_eval.json"
-    if not manifest.is_file():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        make_speech_data.build_real_sets(output_dir)  # the real half of ensure_speech_data(), without synthesis
-    return manifest
-
-
 @pytest.mark.real_weights
-def test_real_tiny_en_on_human_speech(tiny_en_dir, tmp_path):
-    manifest = real_eval_manifest()
-    results = run_eval.main(["--model_name_or_path", tiny_en_dir, "--data", str(manifest), "--output_dir",
+def test_real_tiny_en_on_human_speech(tiny_en_dir, real_speech, tmp_path):
+    results = run_eval.main(["--model_name_or_path", tiny_en_dir, "--data", real_speech["real_eval"], "--output_dir",
                              str(tmp_path), "--max_samples", "5", "--batch_size", "5", "--device", "cpu"])
     assert results["num_samples"] == 5
     assert results["wer"] < 15, (tmp_path / "predictions.jsonl").read_text()

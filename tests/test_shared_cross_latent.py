@@ -134,8 +134,8 @@ SMALL = dict(d_model=16, encoder_attention_heads=2, decoder_attention_heads=2, e
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(cross_attention_latent="global"), r"`cross_attention_latent` expects one of \['per_layer', 'shared'\]"),
-    (dict(cross_attention_latent="shared", mla_targets=["decoder_self"]), r"expects 'decoder_cross' in `mla_targets`"),
-    (dict(cross_kv_lora_rank=8), r"found cross_kv_lora_rank=8 with cross_attention_latent='per_layer'"),
+    (dict(cross_attention_latent="per_layer", cross_kv_lora_rank=8),
+     r"found cross_kv_lora_rank=8 with cross_attention_latent='per_layer'"),
     (dict(cross_attention_latent="shared", cross_kv_lora_rank=17), r"`cross_kv_lora_rank` expects an int in \[1, "
                                                                     r"d_model=16\].*found 17"),
     (dict(cross_attention_latent="shared", cross_kv_lora_rank=0), r"found 0"),
@@ -143,6 +143,13 @@ SMALL = dict(d_model=16, encoder_attention_heads=2, decoder_attention_heads=2, e
 def test_invalid_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WhisperMLAConfig(**SMALL, **kwargs)
+
+
+def test_layout_without_converted_cross_attention_is_moot():
+    """The default layout (shared) with only self-attention converted: nothing shares a latent, nothing is refused."""
+    config = WhisperMLAConfig(**SMALL, mla_targets=["decoder_self"])
+    assert config.cross_attention_latent == "shared" and not config.shares_cross_latent_across_layers()
+    assert config.mla_block_names() == ["decoder.layers.0.self_attn", "decoder.layers.1.self_attn"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
