@@ -44,7 +44,7 @@ from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_ca
 from whisper_mla.hub import save_mla_checkpoint  # noqa: E402
 from whisper_mla.packaged_models import default_cache_dir, ensure_packaged_model  # noqa: E402
 from pipeline_whisper_mla import WhisperMLAPipeline  # noqa: E402
-from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, ensure_speech_data  # noqa: E402
+from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, ensure_real_speech  # noqa: E402
 from whisper_mla.transcription import load_model_and_processor, resolve_device_and_dtype  # noqa: E402
 
 
@@ -131,7 +131,7 @@ def ensure_default_mla(mha_model: str | None = None, report=logger.info) -> tupl
     report(f"Preparing {mha_model or 'the packaged Whisper tiny.en'} and the calibration speech (the first start "
            "imports and synthesises them: minutes)...")
     mha_model = mha_model or ensure_packaged_model("tiny.en")
-    mla_args = MLAArguments(calibration_data=str(ensure_speech_data()[DEFAULT_CALIBRATION_SET]))
+    mla_args = MLAArguments(calibration_data=str(ensure_real_speech()[DEFAULT_CALIBRATION_SET]))
     target = default_conversion_dir(mha_model, mla_args)
     if (target / "config.json").is_file():
         return mha_model, str(target)

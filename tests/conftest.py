@@ -109,12 +109,9 @@ def tiny_en_processor(tiny_en_dir):
 def real_speech():
     """{"real_eval": manifest, "real_train": manifest}: the Asterisk prompts (one human speaker), decoded once per
     session into this session's cache (a few seconds); skipped without Debian's asterisk-core-sounds-en-g722."""
-    from whisper_mla.speech_data import ASTERISK_SOUNDS_DIR, build_real_sets, default_output_dir
+    from whisper_mla.speech_data import ASTERISK_SOUNDS_DIR, ensure_real_speech
 
     if not os.path.isdir(ASTERISK_SOUNDS_DIR):
         pytest.skip(f"{ASTERISK_SOUNDS_DIR} is missing: apt-get install asterisk-core-sounds-en "
                     "asterisk-core-sounds-en-g722")
-    output_dir = default_output_dir()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    build_real_sets(output_dir)
-    return {name: str(output_dir / f"{name}.json") for name in ("real_eval", "real_train")}
+    return {name: str(path) for name, path in ensure_real_speech().items()}

@@ -18,7 +18,9 @@ import torch
 from safetensors import safe_open
 from transformers import Seq2SeqTrainingArguments
 
+import helpers
 import run_finetune
+from helpers import fresh_env
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 from whisper_mla.audio import SpeechDataError
 from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla
@@ -61,9 +63,8 @@ def sharp_mha_dir(tmp_path_factory, tiny_processor):
 
 
 def tone(rate: int, seconds: float, index: int) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    noise = np.random.default_rng(index).standard_normal(len(t))
-    return (0.3 * np.sin(2 * np.pi * (220 + 110 * index) * t) + 0.02 * noise).astype(np.float32)
+    """Clip `index`: its own pitch and noise."""
+    return helpers.tone(220 + 110 * index, rate, seconds, noise=0.02, seed=index)
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +140,9 @@ def load_output(folder) -> WhisperMLAForConditionalGeneration:
     return WhisperMLAForConditionalGeneration.from_pretrained(str(folder))
 
 
-def fresh_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return env
-
-
-def run_script(args: list[str], cwd) -> subprocess.Popen:
-    """run_finetune.py in a new process (full determinism only there: it is a process-wide torch setting)."""
+def start_run_finetune(args: list[str], cwd) -> subprocess.Popen:
+    """run_finetune.py started in a new process, not waited for (full determinism only there: it is a process-wide
+    torch setting; a test may kill it)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "run_finetune.py"), *args], cwd=cwd, env=fresh_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -536,8 +532,8 @@ def test_resume_after_sigkill_reaches_the_same_weights(sharp_mha_dir, sources, t
                          "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2",
                          "--learning_rate", "1e-3", "--full_determinism", "--dataloader_num_workers", "0", *extra)
 
-    reference = run_script(args(tmp_path / "reference"), cwd=tmp_path)  # runs alongside the one that gets killed
-    killed = run_script(args(tmp_path / "run"), cwd=tmp_path)
+    reference = start_run_finetune(args(tmp_path / "reference"), cwd=tmp_path)  # runs alongside the one that gets killed
+    killed = start_run_finetune(args(tmp_path / "run"), cwd=tmp_path)
     deadline = time.time() + 300
     while not glob.glob(str(tmp_path / "run" / "checkpoint-*" / "trainer_state.json")):
         assert killed.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
@@ -549,7 +545,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(sharp_mha_dir, sources, t
     out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, out[-3000:]
 
-    resumed = run_script(args(tmp_path / "run", "--resume_from_checkpoint", "latest"), cwd=tmp_path)
+    resumed = start_run_finetune(args(tmp_path / "run", "--resume_from_checkpoint", "latest"), cwd=tmp_path)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     if mode == "lora":  # the merged model at the top of the checkpoint is not what the PeftModel resumes from

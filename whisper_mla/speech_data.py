@@ -598,6 +598,15 @@ def build_real_sets(output_dir: Path) -> None:
         write_json(path, {"info": info, "annotation": annotation[split]})
 
 
+def ensure_real_speech(output_dir: Optional[str] = None) -> dict:
+    """Builds (once) only the Asterisk sets, seconds instead of the minutes of the full `ensure_speech_data`:
+    what calibration needs. Returns {"real_eval": manifest path, "real_train": manifest path}."""
+    output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    build_real_sets(output_dir)
+    return {name: output_dir / f"{name}.json" for name in ("real_eval", "real_train")}
+
+
 def build_synthetic_set(output_dir: Path, max_synthetic_clips: int, num_workers: int) -> None:
     """Synthesises `max_synthetic_clips` clips of the text pool, cycling voices, into synthetic_train.json."""
     info = {"data_version": DATA_VERSION, "voices": list(VOICES), "max_synthetic_clips": max_synthetic_clips}
