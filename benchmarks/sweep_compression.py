@@ -10,6 +10,8 @@ base, imported from PyPI) is converted at each setting, calibrated on `--calibra
 each `--eval_sets` manifest: `multi_eval` (several real speakers calibration never heard) first, `real_eval` (the
 calibration speaker's voice, held-out prompts) second. The cache column is one 30 s utterance (1500 encoder frames)
 with `--tokens` decoder tokens, float32, against MHA's float32 cache; `int8` is the same model with its int8 cache.
+Writes OUTPUT_DIR/sweep.json (after every setting), sweep.md (the table) and sweep.png (WER against cache cut, one
+series per cross-attention layout).
 """
 
 import json
@@ -95,13 +97,13 @@ def main():
         row = {"setting": spec, "converter_kwargs": kwargs}
         for quantization in (None, "int8"):
             if kwargs is not None:
-                model.config.mla_cache_quantization = quantization
+                model.set_mla_runtime(cache_quantization=quantization)
             utterance = expected_cache_bytes_per_utterance(model.config, torch.float32, args.tokens)
             suffix = "" if quantization is None else "_int8"
             row[f"cache_per_utterance{suffix}"] = utterance
             row[f"reduction{suffix}_%"] = round(100 * (1 - utterance / mha_bytes), 1)
         if kwargs is not None:
-            model.config.mla_cache_quantization = None
+            model.set_mla_runtime(cache_quantization=None)
         generate_kwargs = build_generate_kwargs(model, language=args.language)
         for name, eval_set in eval_sets.items():
             row[f"wer_{name}"] = evaluate_model(model, processor, eval_set, generate_kwargs=generate_kwargs,
@@ -112,12 +114,54 @@ def main():
             json.dump({"model": args.model, "calibration": args.calibration, "tokens": args.tokens, "rows": rows},
                       f, indent=2)
     header = " | ".join(f"WER {name}" for name in eval_sets)
-    print(f"\n| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |")
-    print("|---|---|---|---|" + "---|" * len(eval_sets))
+    table = [f"| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |",
+             "|---|---|---|---|" + "---|" * len(eval_sets)]
     for row in rows:
         wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
-        print(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
-              f"{row['reduction_int8_%']}% | {wers} |")
+        table.append(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
+                     f"{row['reduction_int8_%']}% | {wers} |")
+    with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n" + "\n".join(table))
+    plot_trade_off(rows, args.eval_sets[0], os.path.join(args.output_dir, "sweep.png"), args.model)
+
+
+def cross_layout(spec: str) -> str:
+    """The series a setting belongs to: its cross-attention layout."""
+    cross = dict(part.split("=", 1) for part in spec.split(","))["cross"].partition(":")[0]
+    return {"shared": "shared cross latent", "per_layer": "per-layer cross latents", "mha": "cross-attention MHA"}[cross]
+
+
+def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str) -> None:
+    """WER on `eval_name` against the float cache reduction, one series per cross-attention layout, each point
+    labelled with its setting; MHA as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    mha = next(row for row in rows if row["converter_kwargs"] is None)
+    ax.axhline(mha[f"wer_{eval_name}"], color="gray", linestyle="--", label=f"MHA ({mha[f'wer_{eval_name}']:.2f})")
+    series = {}
+    for row in rows:
+        if row["converter_kwargs"] is not None:
+            series.setdefault(cross_layout(row["setting"]), []).append(row)
+    for label, points in series.items():
+        points.sort(key=lambda row: row["reduction_%"])
+        x, y = [row["reduction_%"] for row in points], [row[f"wer_{eval_name}"] for row in points]
+        ax.plot(x, y, marker="o", label=label)
+        for row in points:
+            ax.annotate(row["setting"], (row["reduction_%"], row[f"wer_{eval_name}"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("decoder cache reduction, 30 s utterance, float (%)")
+    ax.set_ylabel(f"WER on {eval_name} (log scale)")
+    ax.set_yscale("log")
+    ax.set_title(f"Whisper {model}: WER against cache cut, no training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
