@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from whisper_mla.conversion import MLAArguments
+from whisper_mla.arguments import run_cli
 from whisper_mla.io import atomic_output_dir, check_output_dir
 from whisper_mla.benchmark import (
     ATTENTIONS,
@@ -230,4 +231,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

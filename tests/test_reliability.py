@@ -348,6 +348,37 @@ def test_final_save_failing_leaves_no_loadable_mix(tiny_checkpoint_dirs, tmp_pat
     assert snapshot(out) == snapshot(mla_dir)  # an exception before the commit changes nothing
 
 
+@pytest.mark.slow
+def test_run_benchmark_keeps_earlier_results_unless_told_and_then_replaces_them(tmp_path):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    args = ["--size", "test-tiny", "--output_dir", str(out), "--kv_lora_rank", "16", "--batch_sizes", "1",
+            "--new_tokens", "3", "--num_beams", "1", "--rounds", "1", "--attentions", "mha", "mla-absorbed",
+            "--device", "cpu"]
+    refused = cli("run_benchmark.py", args, tmp_path)
+    assert refused.returncode == 1, refused.stderr
+    assert "Expected an empty or new --output_dir" in refused.stderr and "--overwrite_output_dir" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_text("weights")
+    mistyped = cli("run_benchmark.py", [*args[:3], str(tmp_path / "model"), *args[4:], "--overwrite_output_dir"],
+                   tmp_path)
+    assert mistyped.returncode == 1 and "model.safetensors" in mistyped.stderr, mistyped.stderr
+    assert (tmp_path / "model" / "model.safetensors").read_text() == "weights"
+
+    replaced = cli("run_benchmark.py", [*args, "--overwrite_output_dir"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert "earlier" not in results
+    assert {r["attention"] for r in results["records"]} == {"mha", "mla-absorbed"}
+    assert sorted(os.listdir(out)) == sorted(["results.json", "results.md", "memory_vs_batch_size.png",
+                                              "cache_vs_batch_size.png", "tokens_per_s_vs_batch_size.png"])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".bench")]  # no temporary sibling left
+
+
 # --------------------------------------------------------------------------------------------- 2. strict loading
 
 
