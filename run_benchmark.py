@@ -1,5 +1,5 @@
 """Benchmark Whisper (MHA) against Whisper-MLA side by side: decoder cache bytes, peak memory and decode speed,
-measured in paired rounds (the method: `whisper_mla/benchmark.py`).
+measured in paired rounds (the method: `whisper_mla/benchmark_rounds.py`).
 
     python run_benchmark.py --size small --output_dir outputs/benchmark --batch_sizes 1 16 --new_tokens 64
     python run_benchmark.py --model_name_or_path openai/whisper-small --output_dir outputs/benchmark
@@ -30,24 +30,28 @@ from whisper_mla.arguments import run_cli
 from whisper_mla.io import atomic_output_dir, check_output_dir
 from whisper_mla.benchmark import (
     ATTENTIONS,
-    DTYPES,
-    OUTPUT_FILES,
     SIZES,
-    SPREAD_LIMIT,
-    cpu_snapshot,
     describe_mla,
-    describe_ratio,
     injected_step_delay,
-    load_between,
+    prepare_models,
+)
+from whisper_mla.benchmark_report import (
+    OUTPUT_FILES,
+    describe_ratio,
     load_line,
     machine_description,
-    measure_grid_point,
-    paired_ratios,
-    prepare_models,
     run_warnings,
-    sample_load,
     write_reports,
 )
+from whisper_mla.benchmark_rounds import (
+    SPREAD_LIMIT,
+    cpu_snapshot,
+    load_between,
+    measure_grid_point,
+    paired_ratios,
+    sample_load,
+)
+from whisper_mla.transcription import DTYPES
 
 
 @dataclass

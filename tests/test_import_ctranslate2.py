@@ -23,7 +23,9 @@ from helpers import random_whisper, tiny_whisper_config
 from whisper_mla import ctranslate2 as ct2_import
 from whisper_mla import packaged_models
 from import_ctranslate2 import ImportArguments
-from whisper_mla.ctranslate2 import convert_ct2_model, find_model_bin_parts, import_ctranslate2, read_ct2_model_bin
+from whisper_mla.ctranslate2 import find_model_bin_parts, import_ctranslate2
+from whisper_mla.ctranslate2_model_bin import read_ct2_model_bin
+from whisper_mla.ctranslate2_weights import convert_ct2_model
 from whisper_mla.packaged_models import ensure_packaged_model, locate_packaged_model, packaged_model_dirs
 
 

@@ -16,29 +16,31 @@ import pytest
 import soundfile
 
 from whisper_mla.audio import load_audio, load_speech_dataset
-from whisper_mla.speech_data import (
+from whisper_mla.held_out_speech import (
     ALSA_SOUNDS_DIR,
-    ASTERISK_SOUNDS_DIR,
-    EVAL_MIN_WORDS,
     LONG_FORM_GAP_SECONDS,
     LONG_FORM_MIN_SECONDS,
-    MAX_SECONDS,
     MFA_PROMPTS,
     MFA_SPONTANEOUS,
-    MULTI_MANIFEST_NAMES,
-    PIPER_VOICE,
     POCKETSPHINX_TESTDATA_DIR,
-    VOICES,
     HeldOutClip,
     Sdist,
     _fixture_value,
     _quietest_time,
     clean_mfa_transcript,
-    clean_transcript,
-    ensure_speech_data,
     fetch_sdist,
     join_clips,
     read_sdist_files,
+)
+from whisper_mla.speech_data import (
+    ASTERISK_SOUNDS_DIR,
+    EVAL_MIN_WORDS,
+    MAX_SECONDS,
+    MULTI_MANIFEST_NAMES,
+    PIPER_VOICE,
+    VOICES,
+    clean_transcript,
+    ensure_speech_data,
     synthesize,
     text_key,
 )

@@ -29,16 +29,12 @@ from whisper_mla.benchmark import (
     SIZES,
     SLOW_ENV,
     MLA_VARIANTS,
-    SPREAD_LIMIT,
     injected_step_delay,
-    load_between,
     load_models,
-    machine_description,
-    paired_ratios,
-    rotated,
-    run_warnings,
     timed_generate,
 )
+from whisper_mla.benchmark_report import machine_description, run_warnings
+from whisper_mla.benchmark_rounds import SPREAD_LIMIT, load_between, paired_ratios, rotated
 
 
 KV_LORA_RANK, KEPT_KEY_DIMS, NEW_TOKENS, BATCH_SIZES, ROUNDS = 16, 4, 4, (1, 2), 3
