@@ -66,6 +66,7 @@ def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
         kwargs.update(cross_attention_latent="shared", cross_kv_lora_rank=int(rank) if rank else None)
     elif cross == "per_layer":
         targets.append("decoder_cross")
+        kwargs["cross_attention_latent"] = "per_layer"  # not the converter's default
         if "decoder_self" in targets and int(rank) != kwargs["kv_lora_rank"]:
             raise ValueError(f"Per-layer cross and self latents share kv_lora_rank, but found {spec!r}.")
         kwargs["kv_lora_rank"] = int(rank)
