@@ -1034,3 +1034,17 @@ def test_long_form_training_runs_lazy_or_not(sharp_mha_dir, voices_manifest, tmp
         assert f"12 utterances joined into {metrics['train_joined_samples']} samples of up to 4 s" in card
         weights.append(parameters(load_output(out)))
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.slow
+def test_processor_of_an_mla_checkpoint_loads_without_the_remote_code_prompt(tiny_checkpoint_dirs, tmp_path):
+    """transformers asks "Do you wish to run the custom code? [y/N]" on stdin when a processor is loaded from a folder
+    whose config has auto_map: a training run in a terminal would wait there forever."""
+    code = ("import sys; from whisper_mla.training.models import load_processor; "
+            "p = load_processor(sys.argv[1]); print(type(p).__name__, type(p.feature_extractor).__name__)")
+    result = subprocess.run([sys.executable, "-c", code, tiny_checkpoint_dirs[1]], cwd=tmp_path,
+                            env=fresh_env(PYTHONPATH=ROOT), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    assert result.stdout.split()[-2:] == ["WhisperProcessor", "WhisperFeatureExtractor"]
