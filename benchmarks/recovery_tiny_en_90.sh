@@ -13,13 +13,7 @@ TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model;
 SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
 
 # Calibration audio: real and synthetic training clips, alternating (never real_eval).
-python - "$SPEECH" "$OUT/calibration.json" <<'PY'
-import itertools, json, os, sys
-speech, out = sys.argv[1:]
-sets = [json.load(open(os.path.join(speech, f"{name}.json")))["annotation"] for name in ("real_train", "synthetic_train")]
-mixed = [dict(e, path=os.path.join(speech, e["path"])) for pair in itertools.zip_longest(*sets) for e in pair if e]
-json.dump({"annotation": mixed}, open(out, "w"))
-PY
+python benchmarks/mixed_train_manifest.py "$OUT/calibration.json"
 
 python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
   --kv_lora_rank 48 --kept_key_dims 4 --key_selection 2-norm --svd_method joint --cross_attention_latent per_layer \

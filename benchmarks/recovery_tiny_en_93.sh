@@ -24,13 +24,7 @@ TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model;
 SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
 
 # Calibration and training audio: real and synthetic training clips, alternating (never an eval set).
-python - "$SPEECH" "$OUT/train.json" <<'PY'
-import itertools, json, os, sys
-speech, out = sys.argv[1:]
-sets = [json.load(open(os.path.join(speech, f"{name}.json")))["annotation"] for name in ("real_train", "synthetic_train")]
-mixed = [dict(e, path=os.path.join(speech, e["path"])) for pair in itertools.zip_longest(*sets) for e in pair if e]
-json.dump({"annotation": mixed}, open(out, "w"))
-PY
+python benchmarks/mixed_train_manifest.py "$OUT/train.json"
 
 MLA_FLAGS=(--kv_lora_rank 48 --kept_key_dims 4 --key_selection 2-norm --cross_attention_latent shared
            --cross_kv_lora_rank 192)

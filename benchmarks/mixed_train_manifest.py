@@ -1,0 +1,28 @@
+"""Writes one manifest alternating the real_train and synthetic_train clips (never an eval set), with absolute paths:
+the calibration and training audio of the recovery scripts.
+
+    python benchmarks/mixed_train_manifest.py OUTPUT.json
+"""
+
+import itertools
+import json
+import os
+import sys
+
+from whisper_mla.speech_data import ensure_speech_data
+
+
+def main(output: str) -> None:
+    manifests = ensure_speech_data()
+    sets = []
+    for name in ("real_train", "synthetic_train"):
+        folder = os.path.dirname(manifests[name])
+        with open(manifests[name]) as f:
+            sets.append([dict(e, path=os.path.join(folder, e["path"])) for e in json.load(f)["annotation"]])
+    mixed = [entry for pair in itertools.zip_longest(*sets) for entry in pair if entry]
+    with open(output, "w") as f:
+        json.dump({"annotation": mixed}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
