@@ -1,11 +1,11 @@
 """Make a folder a loadable Whisper-MLA checkpoint: remote code, auto_map, processor, model card; push it to the Hub."""
 
-import json
 import os
 import shutil
 
 import configuration_whisper_mla
 from configuration_whisper_mla import WhisperMLAConfig
+from whisper_mla.io import checkpoint_config
 from modeling_whisper_mla import (
     WhisperMLAForConditionalGeneration,
     expected_cache_bytes_per_token,
@@ -101,8 +101,7 @@ def check_checkpoint_folder(folder: str) -> None:
             f"Expected a saved Whisper-MLA checkpoint in {folder} ({', '.join(expected)}), but found no "
             f"{', '.join(missing)}; {fix}."
         )
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        auto_map = json.load(f).get("auto_map") or {}
+    auto_map = checkpoint_config(folder).get("auto_map") or {}
     if "AutoModelForSpeechSeq2Seq" not in auto_map:
         raise ValueError(
             f"Expected {folder}/config.json to map AutoModelForSpeechSeq2Seq to the shipped modeling code in its "
