@@ -34,7 +34,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration, pipeline  # noqa: E402
+from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
 from transformers.cache_utils import EncoderDecoderCache  # noqa: E402
 
 import configuration_whisper_mla  # noqa: E402
@@ -43,9 +43,8 @@ from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, load_audio  # noqa
 from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio  # noqa: E402
 from whisper_mla.hub import save_mla_checkpoint  # noqa: E402
 from whisper_mla.packaged_models import default_cache_dir, ensure_packaged_model  # noqa: E402
-from pipeline_whisper_mla import WhisperMLAPipeline  # noqa: E402
 from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, ensure_real_speech  # noqa: E402
-from whisper_mla.transcription import load_model_and_processor, resolve_device_and_dtype  # noqa: E402
+from whisper_mla.transcription import asr_pipeline, load_model_and_processor, resolve_device_and_dtype  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -167,9 +166,7 @@ def load_asr_pipeline(name_or_path: str, device: str, dtype: str, mla_cache_quan
             expected, fix = "an original Whisper checkpoint (model_type 'whisper')", "pass the MHA original"
         raise ValueError(f"Expected {expected} at {name_or_path!r}, but found model_type "
                          f"{model.config.model_type!r}; {fix} (convert_whisper_to_mla.py).")
-    return pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                    feature_extractor=processor.feature_extractor, device=model.device,
-                    pipeline_class=WhisperMLAPipeline if is_mla else None)
+    return asr_pipeline(model, processor)
 
 
 class ModelStore:
