@@ -94,10 +94,21 @@ class MLAArguments:
     activation_aware: bool | None = field(
         default=None, metadata={"help": "Whitened (activation-aware) SVD. Default: on iff calibration data is given."}
     )
+    cross_frame_weighting: str = field(
+        default="attention",
+        metadata={"help": "How the activation-aware SVD of cross-attention weighs the 1500 encoder frames: attention "
+                  "(default: by the cross-attention each frame receives from the decoder, so the padding after a "
+                  "short clip, most frames, barely counts) or uniform (every frame alike). On real tiny.en, a shared "
+                  "cross latent of 192 scored 11.05 WER on unseen speakers with attention and 83.24 with uniform "
+                  "(MHA 9.52).", "choices": ["attention", "uniform"]},
+    )
 
     def __post_init__(self):
         check_number("--calibration_samples", self.calibration_samples, minimum=1)
         check_number("--calibration_batch_size", self.calibration_batch_size, minimum=1)
+        if self.cross_frame_weighting not in ("attention", "uniform"):
+            raise ValueError(f"--cross_frame_weighting expects attention or uniform, but found "
+                             f"{self.cross_frame_weighting!r}; pick one.")
 
 
 # --------------------------------------------------------------------------------------------- calibration
@@ -114,7 +125,8 @@ class _BlockStatistics:
     """Running sums over calibration tokens for one attention block (float64).
 
     `token_mask` (B, T), set per batch, marks the decoder positions that are real tokens: padding after a clip's end
-    of text is left out. Encoder outputs (the cross-attention keys' inputs, 1500 frames) are always all counted.
+    of text is left out. Encoder outputs (the cross-attention keys' inputs, 1500 frames) are all counted in
+    `input_gram`; cross blocks also sum `attended_gram`, the frames weighted by the attention they receive.
     """
 
     def __init__(self, dim: int):
@@ -126,6 +138,8 @@ class _BlockStatistics:
         self.num_keys = 0
         self.num_clips = 0
         self.token_mask = None
+        self.attended_gram = torch.zeros(dim, dim, dtype=torch.float64)  # sum over clips of sum_f w_f x_f x_f^T
+        self.num_attended_clips = 0
 
     def _rows(self, states: torch.Tensor) -> torch.Tensor:
         """(N, D) float64 rows of (B, T, D) states, without padded decoder positions."""
@@ -145,13 +159,48 @@ class _BlockStatistics:
         self.query_abs += q.abs().sum(0)
         self.num_queries += q.shape[0]
 
+    def add_attended_inputs(self, inputs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, heads: int,
+                            scaling: float):
+        """Cross-attention: weighs each clip's encoder frames by the attention they receive, averaged over heads and
+        the decoder positions it reads, so the weights of a clip sum to 1: an error on a frame matters as much as the
+        decoder reads it (inputs, keys (B, F, D); queries (B, T, D) as q_proj returns them)."""
+        batch, frames, dim = keys.shape
+        mask = self.token_mask if self.token_mask is not None else queries.new_ones(queries.shape[:2], dtype=bool)
+        q = queries.float().view(batch, -1, heads, dim // heads).transpose(1, 2) * scaling  # (B, H, T, hd)
+        k = keys.float().view(batch, frames, heads, dim // heads).transpose(1, 2)  # (B, H, F, hd)
+        weights = torch.zeros(batch, frames)
+        for h in range(heads):  # one head at a time: (B, T, F) probabilities, not (B, H, T, F)
+            probs = torch.softmax(q[:, h] @ k[:, h].transpose(1, 2), dim=-1)  # (B, T, F)
+            weights += (probs * mask[..., None]).sum(1)
+        weights = (weights / weights.sum(-1, keepdim=True)).double()  # (B, F), each row sums to 1
+        x = inputs.double()
+        self.attended_gram += torch.einsum("bf,bfi,bfj->ij", weights, x, x)
+        self.num_attended_clips += batch
+
 
 def _attach_statistics_hooks(model, stats: dict[str, _BlockStatistics]) -> list:
     hooks = []
     for name, block_stats in stats.items():
         block = model.model.get_submodule(name)
-        hooks.append(block.k_proj.register_forward_hook(lambda m, i, o, s=block_stats: s.add_keys(i[0], o)))
-        hooks.append(block.q_proj.register_forward_hook(lambda m, i, o, s=block_stats: s.add_queries(o)))
+        seen = {}  # this forward pass's q_proj output and k_proj input/output, for the block's own hook
+
+        def keys_hook(module, inputs, keys, s=block_stats, seen=seen):
+            s.add_keys(inputs[0], keys)
+            seen.update(inputs=inputs[0], keys=keys)
+
+        def queries_hook(module, inputs, queries, s=block_stats, seen=seen):
+            s.add_queries(queries)
+            seen["queries"] = queries
+
+        hooks.append(block.k_proj.register_forward_hook(keys_hook))
+        hooks.append(block.q_proj.register_forward_hook(queries_hook))
+        if name.endswith("encoder_attn"):
+            def block_hook(module, inputs, output, s=block_stats, seen=seen):
+                s.add_attended_inputs(seen["inputs"], seen["queries"], seen["keys"], module.num_heads,
+                                      module.scaling)
+                seen.clear()
+
+            hooks.append(block.register_forward_hook(block_hook))
     return hooks
 
 
@@ -171,7 +220,8 @@ def collect_calibration_statistics(
     batch_size: int = 16,
 ) -> dict[str, _BlockStatistics]:
     """Runs the MHA model on the clips, `batch_size` at a time, and accumulates per block the key/value input Gram
-    matrix and mean |q|, |k|.
+    matrix and mean |q|, |k|; for cross-attention blocks also the Gram of the encoder frames weighted by the attention
+    they receive.
 
     The decoder is teacher-forced on the model's own greedy decode, prompt included (what it reads at inference), so
     no labels are needed; cross-attention keys come from the encoder output, as at inference.
@@ -235,10 +285,9 @@ def check_calibration_statistics(stats: dict[str, _BlockStatistics], block_names
 
 
 def calibrated_blocks(config: WhisperMLAConfig) -> list[str]:
-    """Blocks whose statistics conversion needs: every converted block, but only the first of the cross blocks that
-    share one latent (they all read the same encoder output)."""
-    shared = [name for name in config.mla_block_names() if config.is_shared_cross_block(name)]
-    return [name for name in config.mla_block_names() if name not in shared[1:]]
+    """Blocks whose statistics conversion needs: every converted block (the cross blocks that share one latent all
+    read the same encoder output, but each attends to it in its own way)."""
+    return config.mla_block_names()
 
 
 def select_kept_key_dims(config: WhisperMLAConfig, stats: dict[str, _BlockStatistics] | None) -> dict:
@@ -269,12 +318,28 @@ def matrix_sqrt(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (eigvecs * eigvals.sqrt()) @ eigvecs.T, (eigvecs * eigvals.rsqrt()) @ eigvecs.T
 
 
-def whitening(stats: _BlockStatistics | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C^(1/2), C^(-1/2)) of the input covariance C (second moment); identities without statistics."""
-    if stats is None:
+def input_covariance(stats: list[_BlockStatistics], attention_weighted: bool = False) -> torch.Tensor:
+    """The second moment C of the inputs of one block, or the mean over several cross blocks that share one latent
+    (every layer's reading counts alike): all the inputs the statistics saw (every token the decoder reads; every
+    encoder frame), or, `attention_weighted` (cross blocks), the encoder frames weighted by the attention they
+    receive."""
+    if not attention_weighted:
+        return sum(s.input_gram / max(s.num_inputs, 1) for s in stats) / len(stats)
+    if not all(s.num_attended_clips for s in stats):
+        raise ValueError(
+            "Attention-weighted cross-attention calibration expects statistics collected on cross blocks, but found "
+            "none for at least one block; collect them with collect_calibration_statistics(...) on the converted "
+            "cross blocks, or pass cross_frame_weighting='uniform'."
+        )
+    return sum(s.attended_gram / s.num_attended_clips for s in stats) / len(stats)
+
+
+def whitening(covariance: torch.Tensor | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^(1/2), C^(-1/2)) of the input covariance C; identities without one (plain SVD)."""
+    if covariance is None:
         eye = torch.eye(dim, dtype=torch.float64)
         return eye, eye
-    return matrix_sqrt(stats.input_gram / max(stats.num_inputs, 1))
+    return matrix_sqrt(covariance)
 
 
 def low_rank(matrix: torch.Tensor, rank: int, sqrt_cov, inv_sqrt_cov) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +364,10 @@ def pop_attention_weights(state: dict, name: str, d_model: int) -> dict:
     return w
 
 
-def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]], stats) -> dict:
-    """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`.
+def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]],
+                            covariance: torch.Tensor | None) -> dict:
+    """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`,
+    the SVD whitened by the block's input `covariance` (None: plain SVD).
 
     Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
     """
@@ -319,7 +386,7 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
     w_k_kept = w_k[:, :n_kept].reshape(-1, d_model)  # (H*kept, D)
     w_k_nope = w_k[:, n_kept:].reshape(-1, d_model)  # (H*nope, D)
 
-    sqrt_cov, inv_sqrt_cov = whitening(stats, d_model)
+    sqrt_cov, inv_sqrt_cov = whitening(covariance, d_model)
     k_rank, v_rank = config.mla_latent_split()
     if config.svd_method == "joint":
         up, down = low_rank(torch.cat([w_k_nope, w["v_proj.weight"]]), config.kv_lora_rank, sqrt_cov, inv_sqrt_cov)
@@ -340,7 +407,8 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
     }
 
 
-def convert_shared_cross_attention(state: dict, config: WhisperMLAConfig, names: list[str], stats) -> dict:
+def convert_shared_cross_attention(state: dict, config: WhisperMLAConfig, names: list[str],
+                                   covariance: torch.Tensor | None) -> dict:
     """MLA weights of the cross-attention blocks `names` reading one shared latent, from their MHA weights.
 
     Every layer's cross keys and values are linear maps of the same encoder output h: stacked, M = [W_k,1; W_v,1; ...;
@@ -353,7 +421,7 @@ def convert_shared_cross_attention(state: dict, config: WhisperMLAConfig, names:
     stacked = torch.cat([torch.cat([w["k_proj.weight"], w["v_proj.weight"]]) for w in weights])  # (2 L d, d)
     new_state = {}
     if rank < d_model:
-        sqrt_cov, inv_sqrt_cov = whitening(stats, d_model)
+        sqrt_cov, inv_sqrt_cov = whitening(covariance, d_model)
         up, down = low_rank(stacked, rank, sqrt_cov, inv_sqrt_cov)  # (2 L d, r), (r, d)
         new_state["decoder.cross_kv_a_proj.weight"] = down
     else:
@@ -456,18 +524,24 @@ def convert_whisper_to_mla(
         "activation_aware": bool(activation_aware),
         "calibration_clips": stats[calibrated_blocks(config)[0]].num_clips if stats else 0,
     }
+    if activation_aware and "decoder_cross" in config.mla_targets:
+        provenance["cross_frame_weighting"] = mla_args.cross_frame_weighting
     config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance)
 
     state = {k.removeprefix("model."): v for k, v in model.state_dict().items() if k.startswith("model.")}
     new_state = {}
     shared_cross = [name for name in config.mla_block_names() if config.is_shared_cross_block(name)]
+    def covariance(names):
+        if stats is None or not activation_aware:
+            return None
+        attention_weighted = mla_args.cross_frame_weighting == "attention" and names[0].endswith("encoder_attn")
+        return input_covariance([stats[name] for name in names], attention_weighted)
+
     for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
         if name not in shared_cross:
-            block_stats = stats[name] if (stats is not None and activation_aware) else None
-            new_state.update(convert_attention_block(state, config, name, kept[name], block_stats))
-    if shared_cross:  # every cross block reads the encoder output: one block's statistics serve all
-        cross_stats = stats[shared_cross[0]] if (stats is not None and activation_aware) else None
-        new_state.update(convert_shared_cross_attention(state, config, shared_cross, cross_stats))
+            new_state.update(convert_attention_block(state, config, name, kept[name], covariance([name])))
+    if shared_cross:  # one SVD for all: every layer's attention weighs the encoder frames
+        new_state.update(convert_shared_cross_attention(state, config, shared_cross, covariance(shared_cross)))
     new_state.update(state)  # every other weight is carried over unchanged
 
     mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)
