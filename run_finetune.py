@@ -119,7 +119,9 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
     if model_args.mha_baseline:
         rows.append(("control", "MHA control (--mha_baseline): the MHA model fine-tuned without conversion"
                      + (f"; trainable mla = q/k/v/out of the blocks an MLA run converts ({targets})"
-                        if model_args.trainable in ("mla", "lora") else "")))
+                        if model_args.trainable in ("mla", "lora") else "")
+                     + (f"; trainable mla_self = q/k/v/out of the self-attention blocks an MLA run converts"
+                        if model_args.trainable == "mla_self" else "")))
     if model_args.mla_from_scratch:
         rows.append(("control", f"MLA from scratch (--mla_from_scratch): low-rank projections re-initialised "
                                 f"randomly (seed {args.seed}), not from the SVD"))

@@ -17,6 +17,7 @@ from whisper_mla.conversion import (
 
 FEATURE_EXTRACTOR = WhisperFeatureExtractor(feature_size=80)
 CROSS = ["decoder.layers.0.encoder_attn", "decoder.layers.1.encoder_attn"]
+SELF = ["decoder.layers.0.self_attn", "decoder.layers.1.self_attn"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def peaky_mha(tiny_mha):
 
 @pytest.fixture(scope="module")
 def cross_stats(peaky_mha, noise_audio):
-    return collect_calibration_statistics(peaky_mha, FEATURE_EXTRACTOR, noise_audio, CROSS, batch_size=len(noise_audio))
+    return collect_calibration_statistics(peaky_mha, FEATURE_EXTRACTOR, noise_audio, CROSS + SELF,
+                                          batch_size=len(noise_audio))
 
 
 def attention_weighted_gram(model, audios, layer):
@@ -62,6 +64,8 @@ def test_attention_weighted_gram_matches_eager_attention(peaky_mha, noise_audio,
         # the uniform Gram counts every frame alike: a different matrix
         uniform = stats.input_gram / stats.num_inputs
         assert (uniform - gram / clips).norm() > 0.01 * uniform.norm()
+    for name in SELF:  # self-attention keeps the uniform covariance: no attention-weighted statistics
+        assert cross_stats[name].num_attended_clips == 0 and cross_stats[name].num_inputs > 0
     shared = input_covariance([cross_stats[name] for name in CROSS], attention_weighted=True)
     expected = sum(attention_weighted_gram(peaky_mha, noise_audio, layer)[0] for layer in range(2)) / (2 * clips)
     torch.testing.assert_close(shared, expected, rtol=1e-5, atol=1e-7)
@@ -118,10 +122,11 @@ def test_attention_weighted_svd_is_optimal_in_its_metric(tiny_mha):
     assert errors["uniform", "uniform"] < 0.9 * errors["attention", "uniform"]
 
 
-def test_attention_weighting_without_cross_statistics_is_refused(tiny_mha, noise_audio):
-    self_only = collect_calibration_statistics(tiny_mha, FEATURE_EXTRACTOR, noise_audio, ["decoder.layers.0.self_attn"])
-    assert self_only["decoder.layers.0.self_attn"].num_attended_clips == 0
+def test_attention_weighting_without_attended_statistics_is_refused(tiny_mha):
+    stats = _BlockStatistics(16)  # e.g. statistics summed by hand: inputs, but no attention
+    stats.add_keys(torch.ones(2, 5, 16), torch.ones(2, 5, 16))
+    torch.testing.assert_close(input_covariance([stats]), torch.ones(16, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="Attention-weighted cross-attention calibration expects"):
-        input_covariance(list(self_only.values()), attention_weighted=True)
+        input_covariance([stats], attention_weighted=True)
     with pytest.raises(ValueError, match="--cross_frame_weighting expects attention or uniform"):
         convert_whisper_to_mla(tiny_mha, cross_frame_weighting="frames")

@@ -314,11 +314,13 @@ def expected_trainable(model, mode: str) -> set[str]:
     if mode == "attention":
         return {n for n in names if ".self_attn." in n or ".encoder_attn." in n}
     if mode == "mla":
-        return {n for n in names if n.startswith(tuple(blocks))}
+        return {n for n in names if n.startswith(tuple(blocks)) or n.startswith("model.decoder.cross_kv_a_proj.")}
+    if mode == "mla_self":
+        return {n for n in names if n.startswith(tuple(b for b in blocks if b.endswith(".self_attn.")))}
     return {f"{b}{proj}.weight" for b in blocks for proj in MLA_PROJECTIONS}  # merged LoRA deltas
 
 
-@pytest.mark.parametrize("mode", ["all", "attention", "mla", "lora"])
+@pytest.mark.parametrize("mode", ["all", "attention", "mla", "mla_self", "lora"])
 def test_set_trainable_selects_the_parameters(tiny_checkpoint_dirs, mode):
     _, mla_dir = tiny_checkpoint_dirs
     before_model = load_output(mla_dir)
@@ -333,6 +335,19 @@ def test_set_trainable_selects_the_parameters(tiny_checkpoint_dirs, mode):
         assert requires_grad == expected_trainable(before_model, mode)
 
 
+def test_mla_self_keeps_the_shared_cross_projection_frozen(tiny_mha):
+    """A narrow shared cross latent: `mla` trains its down-projection and the cross blocks' up-projections, `mla_self`
+    neither (its calibrated projections stay as converted)."""
+    model = convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, kept_key_dims=2, cross_attention_latent="shared",
+                                   cross_kv_lora_rank=8)
+    for mode in ("mla", "mla_self"):
+        set_trainable(model, ModelArguments(trainable=mode))
+        requires_grad = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert requires_grad == expected_trainable(model, mode)
+        assert ("model.decoder.cross_kv_a_proj.weight" in requires_grad) == (mode == "mla")
+        assert any(".encoder_attn.k_b_proj" in n for n in requires_grad) == (mode == "mla")
+
+
 def changed_parameters(before_dir, after_dir) -> set[str]:
     before, after = parameters(load_output(before_dir)), parameters(load_output(after_dir))
     assert before.keys() == after.keys()
@@ -340,7 +355,7 @@ def changed_parameters(before_dir, after_dir) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["all", "attention", "mla", "lora"])
+@pytest.mark.parametrize("mode", ["all", "attention", "mla", "mla_self", "lora"])
 def test_training_changes_exactly_the_trainable_parameters(tiny_checkpoint_dirs, sources, tmp_path, mode):
     _, mla_dir = tiny_checkpoint_dirs
     data, _ = sources["manifest"]
@@ -786,11 +801,13 @@ def test_mha_control_resumes_and_distils_from_a_frozen_copy(tiny_checkpoint_dirs
     assert metrics["global_step"] == 1 and history[0]["loss"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("cross", ["per_layer", "shared"])
+@pytest.mark.parametrize("cross,trainable", [("per_layer", "mla"), ("shared", "mla"), ("shared", "mla_self")])
 def test_mla_from_scratch_differs_from_the_svd_init_exactly_in_the_low_rank_projections(tiny_checkpoint_dirs,
-                                                                                         tiny_processor, cross):
+                                                                                         tiny_processor, cross,
+                                                                                         trainable):
     """Same conversion, then kv_a_proj/k_b_proj/v_b_proj (and the shared cross_kv_a_proj) drawn afresh with the
-    model's init (std init_std, zero biases) from --seed; every other tensor is bit-identical to the SVD init."""
+    model's init (std init_std, zero biases) from --seed; every other tensor is bit-identical to the SVD init. With
+    --trainable mla_self only the self-attention blocks' projections: what trains."""
     from whisper_mla.training.arguments import DistillationArguments
     from whisper_mla.training.models import load_student_and_teacher
 
@@ -799,15 +816,18 @@ def test_mla_from_scratch_differs_from_the_svd_init_exactly_in_the_low_rank_proj
                             cross_kv_lora_rank=8 if cross == "shared" else None)
 
     def student(scratch: bool, seed: int = 0):
-        model_args = ModelArguments(model_name_or_path=mha_dir, mla_from_scratch=scratch)
+        model_args = ModelArguments(model_name_or_path=mha_dir, mla_from_scratch=scratch, trainable=trainable)
         model, _ = load_student_and_teacher(model_args, DistillationArguments(), mla_args, tiny_processor, seed)
         return model.state_dict()
 
     svd, scratch, again, other = student(False), student(True, 0), student(True, 0), student(True, 1)
     assert svd.keys() == scratch.keys()
     projections = ("kv_a_proj.", "k_b_proj.", "v_b_proj.", "decoder.cross_kv_a_proj.")
-    expected = {k for k in svd if any(p in k for p in projections)}
-    if cross == "shared":
+    expected = {k for k in svd if any(p in k for p in projections)
+                and (trainable == "mla" or ".self_attn." in k)}
+    if trainable == "mla_self":
+        assert expected and all(".self_attn." in k for k in expected)
+    elif cross == "shared":
         assert "model.decoder.cross_kv_a_proj.weight" in expected
         assert not any("encoder_attn.kv_a_proj" in k for k in svd)  # cross blocks read the shared latent
     else:

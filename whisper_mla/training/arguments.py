@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from whisper_mla.arguments import check_number
 
 
-TRAINABLE = ("all", "attention", "mla", "lora")
+TRAINABLE = ("all", "attention", "mla", "mla_self", "lora")
 
 
 @dataclass
@@ -20,7 +20,9 @@ class ModelArguments:
     trainable: str = field(
         default="all",
         metadata={"help": "What trains: all; attention (every attention block, the original's 'freeze non-attention'); "
-                  "mla (converted blocks only); lora (LoRA on the converted blocks' projections, merged at the end).",
+                  "mla (converted blocks only, the shared cross projection included); mla_self (converted "
+                  "self-attention blocks only: cross-attention keeps its calibrated projections, which training on "
+                  "narrow audio made worse for unseen speakers); lora (LoRA on the converted blocks' projections, merged at the end).",
                   "choices": list(TRAINABLE)},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (--trainable lora)."})

@@ -52,23 +52,27 @@ def check_control_flags(model_args, start_is_mla: bool) -> None:
 
 
 @torch.no_grad()
-def reinitialise_low_rank_projections(model, seed: int) -> list[str]:
+def reinitialise_low_rank_projections(model, seed: int, self_attention_only: bool = False) -> list[str]:
     """--mla_from_scratch: draws the low-rank projections of every converted block (kv_a_proj, k_b_proj, v_b_proj;
-    and the shared `decoder.cross_kv_a_proj`) afresh with the model's own `_init_weights` (normal weights with std
+    and the shared `decoder.cross_kv_a_proj`), or of the self-attention blocks only (what --trainable mla_self
+    trains), afresh with the model's own `_init_weights` (normal weights with std
     config.init_std, zero biases), from `seed`, leaving every other weight (q_proj, out_proj, ...) as it is and the
     global random state untouched.
 
     Args:
         model: a `WhisperMLAForConditionalGeneration`, changed in place.
         seed: the random seed (--seed).
+        self_attention_only: redraw the converted self-attention blocks only.
 
     Returns:
         the re-initialised modules' names (relative to `model`).
     """
     modules = dict(model.named_modules())
-    names = [f"model.{block}.{proj}" for block in model.config.mla_block_names() for proj in MLA_LOW_RANK_PROJECTIONS
+    blocks = [block for block in model.config.mla_block_names()
+              if not self_attention_only or block.endswith("self_attn")]
+    names = [f"model.{block}.{proj}" for block in blocks for proj in MLA_LOW_RANK_PROJECTIONS
              if f"model.{block}.{proj}" in modules]  # blocks reading a shared cross latent have no kv_a_proj
-    if getattr(model.model.decoder, "cross_kv_a_proj", None) is not None:
+    if getattr(model.model.decoder, "cross_kv_a_proj", None) is not None and not self_attention_only:
         names.append("model.decoder.cross_kv_a_proj")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

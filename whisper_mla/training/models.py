@@ -88,7 +88,8 @@ def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed
                                          feature_extractor=processor.feature_extractor)
         mha = model
         if model_args.mla_from_scratch:
-            names = reinitialise_low_rank_projections(student, seed)
+            names = reinitialise_low_rank_projections(student, seed,
+                                                      self_attention_only=model_args.trainable == "mla_self")
             logger.info("--mla_from_scratch: re-initialised %d low-rank projections (seed %d): %s", len(names), seed,
                         ", ".join(names))
     if is_mla_model(student):

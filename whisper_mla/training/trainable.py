@@ -19,11 +19,13 @@ def set_trainable(model, model_args: ModelArguments, block_names: list[str] | No
     """Applies --trainable. Returns the model to train: the same model, or a peft `PeftModel` for LoRA.
 
     `all` trains every parameter but the sinusoidal encoder positions, which Whisper keeps fixed; `attention` trains
-    the parameters of every attention block (q/k/v/out or the MLA projections); `mla` those of converted blocks;
+    the parameters of every attention block (q/k/v/out or the MLA projections); `mla` those of converted blocks and
+    the shared cross projection; `mla_self` those of converted self-attention blocks only;
     `lora` adds LoRA to the MLA projections of converted blocks and freezes everything else; until the adapter is
     merged (`merge_lora`), the model decodes through the modules (mla_attn_implementation "naive").
 
-    The MHA control (--mha_baseline) trains the same blocks unconverted: `mla` their q/k/v/out, `lora` LoRA on those.
+    The MHA control (--mha_baseline) trains the same blocks unconverted: `mla` (`mla_self`) their q/k/v/out, `lora`
+    LoRA on those.
 
     Args:
         model: a `WhisperMLAForConditionalGeneration`, or the MHA control's `WhisperForConditionalGeneration`; its
@@ -49,10 +51,11 @@ def set_trainable(model, model_args: ModelArguments, block_names: list[str] | No
                 module.requires_grad_(True)
         return model
     shared_down = getattr(model.model.decoder, "cross_kv_a_proj", None)  # a narrow shared cross latent's projection
-    if mode == "mla":
+    if mode in ("mla", "mla_self"):
         for name in block_names:
-            model.model.get_submodule(name).requires_grad_(True)
-        if shared_down is not None:
+            if mode == "mla" or name.endswith("self_attn"):
+                model.model.get_submodule(name).requires_grad_(True)
+        if shared_down is not None and mode == "mla":
             shared_down.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
