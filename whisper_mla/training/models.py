@@ -59,6 +59,9 @@ def check_mla_flags_match(config, mla_args: MLAArguments) -> None:
             )
     if mla_args.calibration_data is not None:
         logger.warning("--calibration_data is ignored: the model is already a Whisper-MLA checkpoint.")
+    if mla_args.cross_frame_weighting != defaults.cross_frame_weighting:
+        logger.warning("--cross_frame_weighting is ignored: the model is already a Whisper-MLA checkpoint (its "
+                       "config's mla_conversion says how it was calibrated).")
 
 
 def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed: int = 0):
