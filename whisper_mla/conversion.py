@@ -149,14 +149,14 @@ class _BlockStatistics:
 
     def add_keys(self, inputs: torch.Tensor, keys: torch.Tensor):
         x, k = self._rows(inputs), self._rows(keys)
-        self.input_gram += x.T @ x
+        self.input_gram += (x.T @ x).cpu()  # sums on the model's device, kept on the CPU
         self.num_inputs += x.shape[0]
-        self.key_abs += k.abs().sum(0)
+        self.key_abs += k.abs().sum(0).cpu()
         self.num_keys += x.shape[0]
 
     def add_queries(self, queries: torch.Tensor):
         q = self._rows(queries)
-        self.query_abs += q.abs().sum(0)
+        self.query_abs += q.abs().sum(0).cpu()
         self.num_queries += q.shape[0]
 
     def add_attended_inputs(self, inputs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, heads: int,
@@ -169,13 +169,13 @@ class _BlockStatistics:
         mask = self.token_mask if self.token_mask is not None else queries.new_ones(queries.shape[:2], dtype=bool)
         q = queries.float().view(batch, -1, heads, dim // heads).transpose(1, 2) * scaling  # (B, H, T, hd)
         k = keys.float().view(batch, frames, heads, dim // heads).transpose(1, 2)  # (B, H, F, hd)
-        weights = torch.zeros(batch, frames)
+        weights = q.new_zeros(batch, frames)
         for h in range(heads):  # one head at a time: (B, T, F) probabilities, not (B, H, T, F)
             probs = torch.softmax(q[:, h] @ k[:, h].transpose(1, 2), dim=-1)  # (B, T, F)
             weights += (probs * mask[..., None]).sum(1)
         weights = (weights / weights.sum(-1, keepdim=True)).double()  # (B, F), each row sums to 1
         x = inputs.double()
-        self.attended_gram += torch.einsum("bf,bfi,bfj->ij", weights, x, x)
+        self.attended_gram += torch.einsum("bf,bfi,bfj->ij", weights, x, x).cpu()
         self.num_attended_clips += batch
 
 
