@@ -10,6 +10,8 @@ SVD_METHODS = ("joint", "split")
 MLA_ATTN_IMPLEMENTATIONS = ("absorb", "naive")
 MLA_CACHE_QUANTIZATIONS = (None, "int8")
 CROSS_ATTENTION_LATENTS = ("per_layer", "shared")
+# Uncompressed key dims per head of a latent narrower than d_model (a full-width latent holds every key dim already).
+KEPT_KEY_DIMS_BELOW_FULL_RANK = 4
 
 
 def uniform_kept_indices(head_dim: int, kept_key_dims: int) -> list[int]:
@@ -34,13 +36,16 @@ class WhisperMLAConfig(WhisperConfig):
         mla_targets (`list[str]`, defaults to `["decoder_self", "decoder_cross"]`):
             Converted attention kinds, any of "encoder_self", "decoder_self", "decoder_cross". The encoder keeps no
             cache at inference, so converting it costs accuracy and saves no cache memory.
-        kv_lora_rank (`int`, defaults to 256):
+        kv_lora_rank (`int`, *optional*):
             Width of the cached latent per token and converted block (self-attention; cross-attention too with
-            `cross_attention_latent="per_layer"`). With `svd_method="joint"` and `kv_lora_rank == d_model` the
-            conversion is exact. These defaults are the converter's (`whisper_mla.conversion.MLAArguments` reads them
-            from here): chosen on real tiny.en and speakers calibration never heard, without training.
-        kept_key_dims (`int`, defaults to 4):
-            Uncompressed key dims per head (DeepSeek's `qk_rope_head_dim`; Whisper has no RoPE).
+            `cross_attention_latent="per_layer"`). None (the default) means `d_model`: with `svd_method="joint"` the
+            latent is then the block's input itself (no SVD, exact), half of MHA's `2 * d_model` keys and values per
+            token. Narrower latents are lossy and need calibration, and the width that keeps WER grows with the model
+            (README, "Results"). These defaults are the converter's (`whisper_mla.conversion.MLAArguments` reads them
+            from here).
+        kept_key_dims (`int`, *optional*):
+            Uncompressed key dims per head (DeepSeek's `qk_rope_head_dim`; Whisper has no RoPE). None (the default)
+            means 0 for a full-width latent, which holds every key dim already, and 4 below it.
         key_selection (`str`, defaults to `"uniform"`):
             How the kept key dims were chosen: "uniform" or "2-norm" (scored on calibration audio).
         svd_method (`str`, defaults to `"joint"`):
@@ -74,8 +79,8 @@ class WhisperMLAConfig(WhisperConfig):
     model_type = "whisper_mla"
 
     mla_targets: list[str] | tuple[str, ...] = ("decoder_self", "decoder_cross")
-    kv_lora_rank: int = 256
-    kept_key_dims: int = 4
+    kv_lora_rank: int | None = None
+    kept_key_dims: int | None = None
     key_selection: str = "uniform"
     svd_method: str = "joint"
     mla_attn_implementation: str = "absorb"
@@ -89,6 +94,10 @@ class WhisperMLAConfig(WhisperConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.mla_targets = list(self.mla_targets)
+        if self.kv_lora_rank is None:  # resolved here, so config.json always names the width it was built with
+            self.kv_lora_rank = self.d_model
+        if self.kept_key_dims is None:
+            self.kept_key_dims = 0 if self.kv_lora_rank >= self.d_model else KEPT_KEY_DIMS_BELOW_FULL_RANK
         self.check_mla_settings()
 
     def check_mla_settings(self):

@@ -91,9 +91,10 @@ def eval_name(path: str) -> str:
 
 
 def setting_label(mla_args: MLAArguments) -> str:
-    """e.g. "MLA self r=192 + shared cross (d_model)"."""
+    """e.g. "MLA self r=192 + shared cross (d_model)", or "MLA self d_model + ..." for the default full width."""
     targets = mla_args.mla_targets
-    parts = [f"self r={mla_args.kv_lora_rank}"] if "decoder_self" in targets else []
+    self_width = "d_model" if mla_args.kv_lora_rank is None else f"r={mla_args.kv_lora_rank}"
+    parts = [f"self {self_width}"] if "decoder_self" in targets else []
     if "decoder_cross" in targets:
         if mla_args.cross_attention_latent == "shared":
             width = "d_model" if mla_args.cross_kv_lora_rank is None else f"r={mla_args.cross_kv_lora_rank}"

@@ -1,5 +1,7 @@
 """WhisperMLAConfig: defaults, round trip, and a clear ValueError for each invalid setting."""
 
+import json
+
 import pytest
 import torch
 
@@ -28,6 +30,20 @@ def test_defaults_and_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
 
 
+def test_default_latent_is_full_width(tmp_path):
+    """No rank given: the latent is d_model wide (exact) and keeps no key dims; a narrower one keeps 4 unless told.
+    config.json names the resolved values, so a checkpoint does not change meaning with the defaults."""
+    config = WhisperMLAConfig(**SMALL)
+    assert (config.kv_lora_rank, config.kept_key_dims) == (16, 0)
+    assert config.kept_key_indices["decoder.layers.0.self_attn"] == [[], []]
+    assert config.mla_cache_values_per_token("decoder.layers.0.self_attn") == 16  # MHA: 2 * 16
+    assert (WhisperMLAConfig(**SMALL, kv_lora_rank=8).kept_key_dims, WhisperMLAConfig(**SMALL, kv_lora_rank=16,
+            kept_key_dims=2).kept_key_dims) == (4, 2)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["kv_lora_rank"], saved["kept_key_dims"]) == (16, 0)
+
+
 def test_uniform_indices():
     assert uniform_kept_indices(64, 4) == [0, 21, 42, 63]
     assert uniform_kept_indices(64, 1) == [0]
@@ -37,7 +53,7 @@ def test_uniform_indices():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kv_lora_rank=0), r"`kv_lora_rank` expects a value in \[1, 16\].*found 0"),
     (dict(kv_lora_rank=17), r"`kv_lora_rank` expects a value in \[1, 16\].*found 17"),
-    (dict(kv_lora_rank=26, svd_method="split"), r"svd_method='split'.*kv_lora_rank=26.*\[2, 17\]"),
+    (dict(kv_lora_rank=26, kept_key_dims=4, svd_method="split"), r"svd_method='split'.*kv_lora_rank=26.*\[2, 17\]"),
     (dict(kv_lora_rank=8, kept_key_dims=9), r"`kept_key_dims` expects a value in \[0, head_dim=8\].*found 9"),
     (dict(kv_lora_rank=8, kept_key_dims=-1), r"`kept_key_dims` expects.*found -1"),
     (dict(kv_lora_rank=8, mla_targets=["decoder_mlp"]), r"`mla_targets` expects.*decoder_mlp"),

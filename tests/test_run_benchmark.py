@@ -246,7 +246,7 @@ def test_benchmark_takes_the_converters_defaults(monkeypatch, tmp_path):
     """The converter's MLA defaults (one default per setting) on the command line and in a JSON file; an explicit
     value wins."""
     default_rank = MLAArguments().kv_lora_rank
-    assert default_rank == WhisperMLAConfig().kv_lora_rank
+    assert default_rank is WhisperMLAConfig.kv_lora_rank is None  # None: d_model, resolved by the config
     for argv, rank in (([], default_rank), (["--kv_lora_rank", "48"], 48)):
         monkeypatch.setattr(sys, "argv", ["run_benchmark.py", "--output_dir", "x", "--size", "tiny", *argv])
         args, mla_args = run_benchmark.parse_arguments()

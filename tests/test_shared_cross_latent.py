@@ -36,6 +36,26 @@ def test_full_width_is_exact(tiny_mha, targets):
         assert torch.equal(greedy(mla, x, num_beams=3), greedy(tiny_mha, x, num_beams=3))
 
 
+def test_default_conversion_is_exact(tiny_mha):
+    """The converter's defaults: self-attention latents of d_model whose down-projection is the identity (the cache
+    holds each block's input, half of MHA's keys and values) and the shared cross latent: MHA's logits and tokens,
+    greedy and beam, without calibration; the cache holds d_model values per token and layer plus one cross latent."""
+    mla = convert_whisper_to_mla(tiny_mha)
+    self_attn = mla.model.decoder.layers[0].self_attn
+    assert (mla.config.kv_lora_rank, mla.config.kept_key_dims, mla.config.cross_attention_latent) == (16, 0, "shared")
+    torch.testing.assert_close(self_attn.kv_a_proj.weight, torch.eye(16), atol=0, rtol=0)
+    x, ids = features(batch=2), prompt(tiny_mha, batch=2)
+    torch.testing.assert_close(logits(mla, x, ids), logits(tiny_mha, x, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(incremental_logits(mla, x, ids), logits(tiny_mha, x, ids), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(mla, x), greedy(tiny_mha, x))
+    assert torch.equal(greedy(mla, x, num_beams=3), greedy(tiny_mha, x, num_beams=3))
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        mla(x, decoder_input_ids=ids, cache=cache, use_cache=True)
+    nbytes = cache_nbytes(cache)
+    assert (nbytes["self"], nbytes["cross"]) == (2 * 2 * ids.shape[1] * 16 * 4, 2 * 1500 * 16 * 4)
+
+
 def test_narrow_latent_error_shrinks_with_width(tiny_mha):
     x, ids = features(), prompt(tiny_mha)
     reference = logits(tiny_mha, x, ids)
