@@ -66,6 +66,9 @@ class WhisperMLAConfig(WhisperConfig):
         cross_kv_lora_rank (`int`, *optional*):
             Width of the shared cross-attention latent. None means `d_model`: the latent is the encoder output itself
             (no down-projection, exact). Below `d_model` the decoder holds one down-projection `cross_kv_a_proj`.
+        kv_lora_ranks (`dict[str, int]`, *optional*):
+            Per-block latent widths that override `kv_lora_rank` (e.g. {"decoder.layers.3.self_attn": 128}), for
+            blocks with a latent of their own; the converter writes them with `--kv_lora_rank_allocation spectrum`.
         share_cross_latent_across_beams (`bool`, defaults to `True`):
             In beam search, cache one cross-attention latent per utterance instead of one copy per beam (applies
             when all decoder cross-attention blocks are converted).
@@ -87,6 +90,7 @@ class WhisperMLAConfig(WhisperConfig):
     mla_cache_quantization: str | None = None
     cross_attention_latent: str = "shared"
     cross_kv_lora_rank: int | None = None
+    kv_lora_ranks: dict | None = None
     share_cross_latent_across_beams: bool = True
     kept_key_indices: dict | None = None
     mla_conversion: dict | None = None
@@ -147,7 +151,9 @@ class WhisperMLAConfig(WhisperConfig):
 
     def mla_rank(self, block_name: str) -> int:
         """Latent width a converted block reads."""
-        return self.shared_cross_rank() if self.is_shared_cross_block(block_name) else self.kv_lora_rank
+        if self.is_shared_cross_block(block_name):
+            return self.shared_cross_rank()
+        return (self.kv_lora_ranks or {}).get(block_name, self.kv_lora_rank)
 
     def mla_kept_key_dims(self, block_name: str) -> int:
         """Uncompressed key dims per head of a converted block (none for a shared cross latent)."""
@@ -208,27 +214,44 @@ class WhisperMLAConfig(WhisperConfig):
                     f"`kept_key_dims` expects a value in [0, head_dim={head_dim}] ({kind}: d_model={self.d_model}, "
                     f"{heads} heads), but found {self.kept_key_dims}; lower it."
                 )
-            compressed = heads * (head_dim - self.kept_key_dims)
-            if self.svd_method == "joint":
-                max_rank = min(self.d_model, compressed + self.d_model)
-                if not 1 <= self.kv_lora_rank <= max_rank:
-                    raise ValueError(
-                        f"`kv_lora_rank` expects a value in [1, {max_rank}] (joint SVD of the {compressed} compressed "
-                        f"key rows and {self.d_model} value rows over d_model={self.d_model} inputs), but found "
-                        f"{self.kv_lora_rank}; pick a rank in that range ({max_rank} is exact)."
-                    )
-            else:
-                key_rank, value_rank = self.mla_latent_split()
-                max_key_rank = min(self.d_model, compressed)
-                if not (1 <= key_rank <= max_key_rank and 1 <= value_rank <= self.d_model):
-                    raise ValueError(
-                        f"`kv_lora_rank` with svd_method='split' is shared as key latent {key_rank} + value latent "
-                        f"{value_rank}; expected key latent in [1, {max_key_rank}] and value latent in "
-                        f"[1, {self.d_model}], but found kv_lora_rank={self.kv_lora_rank} with kept_key_dims="
-                        f"{self.kept_key_dims}; pick kv_lora_rank in [2, {min(2 * max_key_rank + 1, 2 * self.d_model)}] "
-                        "or use "
-                        "svd_method='joint'."
-                    )
+            self._check_rank("kv_lora_rank", self.kv_lora_rank, heads)
+        self._validate_kv_lora_ranks()
+
+    def _check_rank(self, what: str, rank, heads: int):
+        """Refuses a latent width that the SVD of a block with `heads` heads cannot have."""
+        compressed = heads * (self.d_model // heads - self.kept_key_dims)
+        if self.svd_method == "joint":
+            max_rank = min(self.d_model, compressed + self.d_model)
+            if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+                raise ValueError(
+                    f"`{what}` expects a value in [1, {max_rank}] (joint SVD of the {compressed} compressed "
+                    f"key rows and {self.d_model} value rows over d_model={self.d_model} inputs), but found "
+                    f"{rank!r}; pick a rank in that range ({max_rank} is exact)."
+                )
+        else:
+            key_rank, value_rank = rank // 2, rank - rank // 2
+            max_key_rank = min(self.d_model, compressed)
+            if not (1 <= key_rank <= max_key_rank and 1 <= value_rank <= self.d_model):
+                raise ValueError(
+                    f"`{what}` with svd_method='split' is shared as key latent {key_rank} + value latent "
+                    f"{value_rank}; expected key latent in [1, {max_key_rank}] and value latent in "
+                    f"[1, {self.d_model}], but found {what}={rank} with kept_key_dims="
+                    f"{self.kept_key_dims}; pick {what} in [2, {min(2 * max_key_rank + 1, 2 * self.d_model)}] "
+                    "or use svd_method='joint'."
+                )
+
+    def _validate_kv_lora_ranks(self):
+        if self.kv_lora_ranks is None:
+            return
+        allowed = [name for name in self.mla_block_names() if not self.is_shared_cross_block(name)]
+        if not isinstance(self.kv_lora_ranks, dict) or not set(self.kv_lora_ranks) <= set(allowed):
+            found = sorted(self.kv_lora_ranks) if isinstance(self.kv_lora_ranks, dict) else self.kv_lora_ranks
+            raise ValueError(
+                f"`kv_lora_ranks` expects a dict {{block name: latent width}} over converted blocks with a latent of "
+                f"their own ({allowed}), but found {found!r}; fix the names or pass None (every block kv_lora_rank)."
+            )
+        for name, rank in self.kv_lora_ranks.items():
+            self._check_rank(f"kv_lora_ranks[{name!r}]", rank, self.mla_num_heads(name))
 
     def _validate_kept_key_indices(self):
         if not isinstance(self.kept_key_indices, dict):

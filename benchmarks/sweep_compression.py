@@ -4,7 +4,8 @@
         self=mha,cross=shared self=256,cross=shared self=192,cross=shared:320
 
 A setting names the self-attention latent (`self=R` or `self=mha`: not converted) and the cross-attention latent
-(`cross=per_layer:R`, `cross=shared` (width d_model: exact), `cross=shared:R`, or `cross=mha`); every converted block
+(`cross=per_layer:R`, `cross=shared` (width d_model: exact), `cross=shared:R`, or `cross=mha`), and optionally how
+the self-attention widths are shared out (`alloc=spectrum`: the same total, by each block's spectrum); every converted block
 keeps `--kept_key_dims` key dims per head (a shared cross latent keeps none). The packaged real Whisper (tiny.en or
 base, imported from PyPI) is converted at each setting, calibrated on `--calibration` (never evaluated), and scored on
 each `--eval_sets` manifest: `multi_eval` (several real speakers calibration never heard) first, `real_eval` (the
@@ -54,9 +55,12 @@ class SweepArguments:
 def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
     """Converter keyword arguments of a setting such as "self=192,cross=shared:256"; None for MHA itself."""
     parts = dict(part.split("=", 1) for part in spec.split(","))
-    if set(parts) != {"self", "cross"}:
-        raise ValueError(f"A setting expects self=...,cross=..., but found {spec!r}; e.g. self=192,cross=shared.")
+    if not {"self", "cross"} <= set(parts) <= {"self", "cross", "alloc"}:
+        raise ValueError(f"A setting expects self=...,cross=...[,alloc=spectrum], but found {spec!r}; e.g. "
+                         "self=192,cross=shared.")
     targets, kwargs = [], {"kept_key_dims": kept_key_dims, "kv_lora_rank": 1}
+    if "alloc" in parts:
+        kwargs["kv_lora_rank_allocation"] = parts["alloc"]
     if parts["self"] != "mha":
         targets.append("decoder_self")
         kwargs["kv_lora_rank"] = int(parts["self"])

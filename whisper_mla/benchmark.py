@@ -195,6 +195,7 @@ def describe_mla(config) -> dict:
     """The conversion settings a record needs to be read (also for a remote-code config of an older version)."""
     shared = "decoder_cross" in config.mla_targets and getattr(config, "cross_attention_latent", None) == "shared"
     return dict(mla_targets=list(config.mla_targets), kv_lora_rank=config.kv_lora_rank,
+                kv_lora_ranks=getattr(config, "kv_lora_ranks", None),
                 kept_key_dims=config.kept_key_dims, cross_attention_latent="shared" if shared else "per_layer",
                 shared_cross_rank=(getattr(config, "cross_kv_lora_rank", None) or config.d_model) if shared else None)
 

@@ -49,6 +49,14 @@ class MLAArguments:
                   "held; base needs more than 384 (README). The original Whisper_MLA setting, 96 with 4 kept dims, "
                   "needs recovery training (run_finetune.py)."},
     )
+    kv_lora_rank_allocation: str = field(
+        default="uniform",
+        metadata={"help": "uniform (default): every block with a latent of its own gets --kv_lora_rank. spectrum: the "
+                  "same total width per kind of block (decoder self-attention, per-layer cross-attention, encoder), "
+                  "shared out by the singular values of each block's (activation-aware) key/value matrix: a width "
+                  "goes where it keeps the largest share of a block's energy. Written to config.kv_lora_ranks.",
+                  "choices": ["uniform", "spectrum"]},
+    )
     kept_key_dims: int | None = field(
         default=WhisperMLAConfig.kept_key_dims,
         metadata={"help": "Uncompressed key dims per head. Default: 0 at full width (the latent holds every key "
@@ -109,6 +117,12 @@ class MLAArguments:
     def __post_init__(self):
         check_number("--calibration_samples", self.calibration_samples, minimum=1)
         check_number("--calibration_batch_size", self.calibration_batch_size, minimum=1)
+        if self.kv_lora_rank_allocation not in ("uniform", "spectrum"):
+            raise ValueError(f"--kv_lora_rank_allocation expects uniform or spectrum, but found "
+                             f"{self.kv_lora_rank_allocation!r}; pick one.")
+        if self.kv_lora_rank_allocation == "spectrum" and self.svd_method != "joint":
+            raise ValueError("--kv_lora_rank_allocation spectrum expects --svd_method joint (one latent per block), but "
+                             f"found {self.svd_method!r}; use joint, or the uniform allocation.")
         if self.cross_frame_weighting not in ("attention", "uniform"):
             raise ValueError(f"--cross_frame_weighting expects attention or uniform, but found "
                              f"{self.cross_frame_weighting!r}; pick one.")
@@ -368,6 +382,48 @@ def pop_attention_weights(state: dict, name: str, d_model: int) -> dict:
     return w
 
 
+def split_key_rows(w_k: torch.Tensor, config: WhisperMLAConfig, name: str, kept: list[list[int]]):
+    """(order, kept key rows (H*kept, D), compressed key rows (H*nope, D)) of block `name`'s key weight (D, D).
+
+    Within each head: kept dims first, then the compressed ones, in order; `order` permutes q the same way, so q . k
+    is unchanged."""
+    heads, head_dim, d_model = config.mla_num_heads(name), config.mla_head_dim(name), config.d_model
+    order = torch.tensor([
+        h * head_dim + i
+        for h, kept_h in enumerate(kept)
+        for i in list(kept_h) + [j for j in range(head_dim) if j not in kept_h]
+    ])
+    n_kept = config.mla_kept_key_dims(name)
+    w_k = w_k[order].view(heads, head_dim, d_model)
+    return order, w_k[:, :n_kept].reshape(-1, d_model), w_k[:, n_kept:].reshape(-1, d_model)
+
+
+def spectrum_ranks(state: dict, config: WhisperMLAConfig, kept: dict, covariance) -> dict[str, int]:
+    """Per-block latent widths with the uniform allocation's total per kind of block (`--kv_lora_rank_allocation
+    spectrum`): the singular values of each block's whitened [compressed keys; values] matrix, as shares of its
+    energy, compete across the blocks of a kind, and the total width goes to the largest shares. A block whose
+    spectrum decays fast (tiny.en's first decoder layer) gives width to one whose spectrum does not (its last).
+
+    `covariance(names)` is a block's input covariance (None: plain SVD). Reads `state`, pops nothing."""
+    groups = {}
+    for name in config.mla_block_names():
+        if not config.is_shared_cross_block(name):
+            groups.setdefault(name.split(".")[0] + "." + name.rsplit(".", 1)[-1], []).append(name)
+    ranks = {}
+    for names in groups.values():
+        shares = []
+        for name in names:
+            _, _, w_k_nope = split_key_rows(state[f"{name}.k_proj.weight"].double(), config, name, kept[name])
+            stacked = torch.cat([w_k_nope, state[f"{name}.v_proj.weight"].double()])
+            energy = torch.linalg.svdvals(stacked @ whitening(covariance([name]), config.d_model)[0]) ** 2
+            shares.append(energy / energy.sum())
+        owner = torch.cat([torch.full_like(share, i) for i, share in enumerate(shares)])
+        top = owner[torch.cat(shares).argsort(descending=True)[: config.kv_lora_rank * len(names)]]
+        for i, name in enumerate(names):
+            ranks[name] = max(1, int((top == i).sum()))
+    return ranks
+
+
 def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, kept: list[list[int]],
                             covariance: torch.Tensor | None) -> dict:
     """MLA weights of block `name` (a prefix such as "decoder.layers.0.self_attn") from its MHA weights in `state`,
@@ -375,28 +431,17 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
 
     Pops q/k/v/out weights from `state`, so whatever is left afterwards was not accounted for.
     """
-    heads, head_dim, d_model = config.mla_num_heads(name), config.mla_head_dim(name), config.d_model
+    d_model = config.d_model
     w = pop_attention_weights(state, name, d_model)
+    order, w_k_kept, w_k_nope = split_key_rows(w["k_proj.weight"], config, name, kept)
 
-    # Within each head: kept dims first, then the compressed ones, in order. q is permuted the same way, so
-    # q . k is unchanged.
-    order = torch.tensor([
-        h * head_dim + i
-        for h, kept_h in enumerate(kept)
-        for i in list(kept_h) + [j for j in range(head_dim) if j not in kept_h]
-    ])
-    n_kept = config.kept_key_dims
-    w_k = w["k_proj.weight"][order].view(heads, head_dim, d_model)
-    w_k_kept = w_k[:, :n_kept].reshape(-1, d_model)  # (H*kept, D)
-    w_k_nope = w_k[:, n_kept:].reshape(-1, d_model)  # (H*nope, D)
-
-    k_rank, v_rank = config.mla_latent_split()
+    rank, (k_rank, v_rank) = config.mla_rank(name), config.mla_latent_split(name)
     if config.svd_method == "joint":
         stacked = torch.cat([w_k_nope, w["v_proj.weight"]])  # (H*nope + D, D)
-        if config.kv_lora_rank >= d_model:  # full width: the latent is the block's input itself, no SVD (exact)
+        if rank >= d_model:  # full width: the latent is the block's input itself, no SVD (exact)
             up, down = stacked, torch.eye(d_model, dtype=stacked.dtype)
         else:
-            up, down = low_rank(stacked, config.kv_lora_rank, *whitening(covariance, d_model))
+            up, down = low_rank(stacked, rank, *whitening(covariance, d_model))
         up_k, up_v = up.split([w_k_nope.shape[0], d_model])
     else:
         sqrt_cov, inv_sqrt_cov = whitening(covariance, d_model)
@@ -448,8 +493,10 @@ def convert_shared_cross_attention(state: dict, config: WhisperMLAConfig, names:
     return new_state
 
 
-def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_indices=None, provenance=None):
-    """A WhisperMLAConfig with the Whisper config's hyperparameters and the MLA settings."""
+def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_indices=None, provenance=None,
+                            kv_lora_ranks=None):
+    """A WhisperMLAConfig with the Whisper config's hyperparameters and the MLA settings (per-block widths
+    `kv_lora_ranks` from the spectrum allocation, if any)."""
     cross_layout = mla_args.cross_attention_latent
     if "decoder_cross" not in mla_args.mla_targets and mla_args.cross_kv_lora_rank is None:
         cross_layout = "per_layer"  # no cross block is converted: the (default) shared layout does not apply
@@ -468,6 +515,7 @@ def mla_config_from_whisper(whisper_config, mla_args: MLAArguments, kept_key_ind
         mla_attn_implementation=mla_args.mla_attn_implementation,
         mla_cache_quantization=mla_args.mla_cache_quantization,
         kept_key_indices=kept_key_indices,
+        kv_lora_ranks=kv_lora_ranks,
         mla_conversion=provenance,
     )
 
@@ -544,6 +592,11 @@ def convert_whisper_to_mla(
             return None
         attention_weighted = mla_args.cross_frame_weighting == "attention" and names[0].endswith("encoder_attn")
         return input_covariance([stats[name] for name in names], attention_weighted)
+
+    if mla_args.kv_lora_rank_allocation == "spectrum":
+        provenance["kv_lora_rank_allocation"] = "spectrum"
+        config = mla_config_from_whisper(model.config, mla_args, kept_key_indices=kept, provenance=provenance,
+                                         kv_lora_ranks=spectrum_ranks(state, config, kept, covariance))
 
     for name in tqdm(config.mla_block_names(), desc="factorising", unit="block", leave=False):
         if name not in shared_cross:

@@ -131,14 +131,17 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
                                                                if width == config.d_model else "."))
     else:
         cross = "Each converted cross-attention block caches its own latent."
+    widths = (f"one latent of {config.kv_lora_rank} values per token" if not config.kv_lora_ranks else
+              "one latent per token (widths per block: " + ", ".join(
+                  f"{name} {config.mla_rank(name)}" for name in config.mla_block_names()
+                  if not config.is_shared_cross_block(name)) + ")")
     utterance = {name: expected_cache_bytes_per_utterance(config, model.dtype, 100, mha=name == "mha")
                  for name in ("mha", "mla")}
     body = f"""
 # Whisper-MLA
 
 This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head latent attention (MLA) in
-{', '.join(config.mla_targets)} attention: a converted block caches one latent of {config.kv_lora_rank} values
-per token plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values. {cross}
+{', '.join(config.mla_targets)} attention: a converted block caches {widths} plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values. {cross}
 
 | setting | value |
 |---|---|

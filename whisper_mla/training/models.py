@@ -59,6 +59,9 @@ def check_mla_flags_match(config, mla_args: MLAArguments) -> None:
             )
     if mla_args.calibration_data is not None:
         logger.warning("--calibration_data is ignored: the model is already a Whisper-MLA checkpoint.")
+    if mla_args.kv_lora_rank_allocation != defaults.kv_lora_rank_allocation:
+        logger.warning("--kv_lora_rank_allocation is ignored: the model is already a Whisper-MLA checkpoint (its "
+                       "config's kv_lora_ranks holds the widths it was converted with).")
     if mla_args.cross_frame_weighting != defaults.cross_frame_weighting:
         logger.warning("--cross_frame_weighting is ignored: the model is already a Whisper-MLA checkpoint (its "
                        "config's mla_conversion says how it was calibrated).")
