@@ -10,8 +10,8 @@ Whisper, as OpenAI's); audio over 30 s goes through its chunked long-form path. 
 time it took, and the bytes of the decoder cache (self- and cross-attention) measured on the cache objects that
 `generate()` really filled, for this utterance and, multiplied out, for a batch of 64 such utterances.
 
-Without `--mla_model` the MHA model is converted once with the converter's default settings, calibrated on the
-real_train speech of `make_speech_data.py` exactly as `run_demo.py` does, and cached under
+Without `--mla_model` the MHA model is converted once with the converter's default settings (exact: the calibration
+speech, real_train of `make_speech_data.py` as in `run_demo.py`, only serves settings that are not), and cached under
 `$WHISPER_MLA_CACHE/models` (default `~/.cache/whisper_mla`); the page says what it is doing meanwhile.
 """
 
@@ -134,8 +134,8 @@ def ensure_default_mla(mha_model: str | None = None, report=logger.info) -> tupl
     target = default_conversion_dir(mha_model, mla_args)
     if (target / "config.json").is_file():
         return mha_model, str(target)
-    report(f"Converting {mha_model} to MLA with the converter's default settings, calibrated on "
-           f"{mla_args.calibration_samples} real_train clips (first start only)...")
+    report(f"Converting {mha_model} to MLA with the converter's default settings (first start only; settings "
+           f"that are not exact are calibrated on {mla_args.calibration_samples} real_train clips)...")
     processor = AutoProcessor.from_pretrained(mha_model)
     mha = WhisperForConditionalGeneration.from_pretrained(mha_model).eval()
     calibration = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)

@@ -56,6 +56,23 @@ def test_default_conversion_is_exact(tiny_mha):
     assert (nbytes["self"], nbytes["cross"]) == (2 * 2 * ids.shape[1] * 16 * 4, 2 * 1500 * 16 * 4)
 
 
+def test_exact_conversion_skips_calibration(tiny_mha, noise_audio, monkeypatch):
+    """Calibration cannot change an exact conversion: it is skipped (minutes on a real model), and the config says the
+    SVD was not activation-aware."""
+    import whisper_mla.conversion as conversion
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration ran for an exact conversion")
+
+    monkeypatch.setattr(conversion, "collect_calibration_statistics", refuse)
+    mla = convert_whisper_to_mla(tiny_mha, calibration_audio=noise_audio, feature_extractor=object())
+    assert mla.config.mla_conversion["activation_aware"] is False and mla.config.mla_conversion["calibration_clips"] == 0
+    x, ids = features(), prompt(tiny_mha)
+    torch.testing.assert_close(logits(mla, x, ids), logits(tiny_mha, x, ids), atol=1e-5, rtol=0)
+    with pytest.raises(AssertionError, match="calibration ran"):  # a lossy width still calibrates
+        convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, calibration_audio=noise_audio, feature_extractor=object())
+
+
 def test_narrow_latent_error_shrinks_with_width(tiny_mha):
     x, ids = features(), prompt(tiny_mha)
     reference = logits(tiny_mha, x, ids)

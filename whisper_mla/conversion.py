@@ -558,6 +558,13 @@ def convert_whisper_to_mla(
             "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
             "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
         )
+    needs_statistics = (any(not is_exact(config, name) for name in config.mla_block_names())
+                        or (config.key_selection == "2-norm" and config.kept_key_dims > 0))
+    if calibrated and not needs_statistics:  # e.g. the defaults: minutes of calibration that change no weight
+        logger.info("Every converted block is exact at these settings (full-width latents, uniform kept dims): the "
+                    "calibration audio is not needed and is not used.")
+        calibration_audio = calibration_statistics = None
+        activation_aware = False
     stats = calibration_statistics
     if stats is None and calibration_audio is not None:
         if feature_extractor is None:
