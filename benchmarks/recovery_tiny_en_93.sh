@@ -12,9 +12,10 @@
 # Evaluation: speakers calibration and training never heard (multi_eval, 36 clips; multi_eval_long, 3 recordings of
 # 45-146 s, long-form with timestamps), and the calibration speaker's held-out prompts (real_eval).
 #
-#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION]
-#   # defaults: outputs/recovery93, 500, 2e-4, 96, mla_self, uniform (spectrum: the 4 x SELF_RANK self-attention
-#   # widths shared out by each layer's spectrum, --kv_lora_rank_allocation)
+#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT]
+#   # defaults: outputs/recovery93, 500, 2e-4, 96, mla_self, uniform, 4 (ALLOCATION spectrum: the 4 x SELF_RANK
+#   # self-attention widths shared out by each layer's spectrum, --kv_lora_rank_allocation; KEPT: key dims per head
+#   # kept uncompressed, 2-norm; SELF_RANK + 6 x KEPT values per token and layer, so 120 0 caches what 96 4 does)
 #
 # The two trainings run side by side, one CPU thread each. Writes OUTPUT_DIR/results.md.
 set -euo pipefail
@@ -25,6 +26,7 @@ LR=${3:-2e-4}
 SELF_RANK=${4:-96}
 TRAINABLE=${5:-mla_self}
 ALLOCATION=${6:-uniform}
+KEPT=${7:-4}
 DECAY=$((STEPS / 3))
 mkdir -p "$OUT"
 TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model; print(ensure_packaged_model("tiny.en"))')
@@ -33,7 +35,7 @@ SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech
 # Calibration and training audio: real and synthetic training clips, alternating (never an eval set).
 python benchmarks/mixed_train_manifest.py "$OUT/train.json"
 
-MLA_FLAGS=(--kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims 4 --key_selection 2-norm
+MLA_FLAGS=(--kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims "$KEPT" --key_selection 2-norm
            --cross_attention_latent shared --cross_kv_lora_rank 192)
 python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
   "${MLA_FLAGS[@]}" --calibration_data "$OUT/train.json" --calibration_samples 256
@@ -63,11 +65,12 @@ for arm in mha init mla-svd mla-random; do
   done
 done
 
-python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" <<'PY'
+python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" <<'PY'
 import json, os, sys
-out, steps, lr, self_rank, trainable, allocation = sys.argv[1:]
+out, steps, lr, self_rank, trainable, allocation, kept = sys.argv[1:]
 sets = ("multi_eval", "multi_eval_long", "real_eval")
-mla = f"MLA self {self_rank}" + (" (spectrum allocation)" if allocation == "spectrum" else "") + " + shared cross 192"
+mla = (f"MLA self {self_rank} + {kept} kept key dims/head" + (" (spectrum allocation)" if allocation == "spectrum" else "")
+       + " + shared cross 192")
 labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training",
           "mla-svd": f"{mla}, SVD init, distilled ({trainable}) {steps} steps at {lr}",
           "mla-random": f"{mla}, random MLA init, distilled ({trainable}) {steps} steps at {lr}"}
