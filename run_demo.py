@@ -151,7 +151,8 @@ def main():
     # 2. Convert with the default settings (and with the previous per-layer default, for comparison).
     settings = [(setting_label(mla_args), mla_args)]
     if demo_args.compare_per_layer and mla_args.cross_attention_latent == "shared":
-        per_layer = replace(mla_args, **PER_LAYER_BASELINE, mla_targets=["decoder_self", "decoder_cross"])
+        per_layer = replace(mla_args, **PER_LAYER_BASELINE, mla_targets=["decoder_self", "decoder_cross"],
+                            kv_lora_rank_allocation="uniform")
         per_layer.kv_lora_rank = min(per_layer.kv_lora_rank, mha.config.d_model)  # a model narrower than 192
         settings.insert(0, (setting_label(per_layer) + " (previous default)", per_layer))
     # one calibration pass serves both conversions: statistics of every block either of them converts

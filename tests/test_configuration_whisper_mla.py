@@ -39,6 +39,7 @@ def test_default_latent_is_full_width(tmp_path):
     assert config.mla_cache_values_per_token("decoder.layers.0.self_attn") == 16  # MHA: 2 * 16
     assert (WhisperMLAConfig(**SMALL, kv_lora_rank=8).kept_key_dims, WhisperMLAConfig(**SMALL, kv_lora_rank=16,
             kept_key_dims=2).kept_key_dims) == (4, 2)
+    assert WhisperMLAConfig(**SMALL, svd_method="split").kept_key_dims == 4  # a split latent is lossy at any width
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["kv_lora_rank"], saved["kept_key_dims"]) == (16, 0)

@@ -95,8 +95,10 @@ def test_pipeline_on_real_mla_checkpoint(tiny_en, tiny_en_processor, eval_clips,
     from helpers import run_fresh
 
     calibration = load_calibration_audio(speech["real_train"], 16)
-    mla = convert_whisper_to_mla(tiny_en, calibration_audio=calibration,
+    # a calibrated (lossy) width, so a calibrated checkpoint goes through the pipeline; 320 held WER (README)
+    mla = convert_whisper_to_mla(tiny_en, kv_lora_rank=320, calibration_audio=calibration,
                                  feature_extractor=tiny_en_processor.feature_extractor)
+    assert mla.config.mla_conversion["calibration_clips"] == 16
     save_mla_checkpoint(mla, tiny_en_processor, str(tmp_path / "mla"))
     clip = eval_clips[0]
     import numpy as np
@@ -124,7 +126,8 @@ def test_default_settings_keep_wer(tiny_en, tiny_en_processor, speech):
                                  feature_extractor=tiny_en_processor.feature_extractor)
     mha_wer = evaluate_model(tiny_en, tiny_en_processor, eval_set)["wer"]
     mla_wer = evaluate_model(mla, tiny_en_processor, eval_set)["wer"]
-    print(f"\nreal_eval WER: MHA {mha_wer:.2f}, MLA (defaults, r={args.kv_lora_rank}) {mla_wer:.2f}")
+    print(f"\nreal_eval WER: MHA {mha_wer:.2f}, MLA (defaults, r={mla.config.kv_lora_rank}) {mla_wer:.2f}")
+    assert mla.config.mla_conversion["calibration_clips"] == 0  # exact: the calibration audio was not used
     assert mha_wer < 8
     assert mla_wer <= mha_wer + DEFAULT_WER_REGRESSION_BOUND
 

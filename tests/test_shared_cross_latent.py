@@ -69,6 +69,8 @@ def test_exact_conversion_skips_calibration(tiny_mha, noise_audio, monkeypatch):
     assert mla.config.mla_conversion["activation_aware"] is False and mla.config.mla_conversion["calibration_clips"] == 0
     x, ids = features(), prompt(tiny_mha)
     torch.testing.assert_close(logits(mla, x, ids), logits(tiny_mha, x, ids), atol=1e-5, rtol=0)
+    exact_2norm = convert_whisper_to_mla(tiny_mha, key_selection="2-norm")  # no kept dims to score: no audio needed
+    assert exact_2norm.config.kept_key_dims == 0
     with pytest.raises(AssertionError, match="calibration ran"):  # a lossy width still calibrates
         convert_whisper_to_mla(tiny_mha, kv_lora_rank=8, calibration_audio=noise_audio, feature_extractor=object())
 

@@ -146,7 +146,7 @@ This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head la
 | setting | value |
 |---|---|
 | converted blocks | {', '.join(config.mla_targets)} |
-| kv_lora_rank | {config.kv_lora_rank} |
+| kv_lora_rank | {config.kv_lora_rank}{' (per block: see above)' if config.kv_lora_ranks else ''} |
 | cross-attention latent | {config.cross_attention_latent}{f' (width {config.shared_cross_rank()})' if config.shares_cross_latent_across_layers() else ''} |
 | kept key dims per head | {config.kept_key_dims} ({config.key_selection}) |
 | SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')} |
