@@ -411,7 +411,8 @@ def spectrum_ranks(state: dict, config: WhisperMLAConfig, kept: dict, covariance
     groups = {}
     for name in config.mla_block_names():
         if not config.is_shared_cross_block(name):
-            groups.setdefault(name.split(".")[0] + "." + name.rsplit(".", 1)[-1], []).append(name)
+            kind = name.split(".")[0] + "." + name.rsplit(".", 1)[-1]  # e.g. decoder.self_attn
+            groups.setdefault(kind, []).append(name)
     ranks = {}
     for names in groups.values():
         shares = []
@@ -438,13 +439,13 @@ def convert_attention_block(state: dict, config: WhisperMLAConfig, name: str, ke
     w = pop_attention_weights(state, name, d_model)
     order, w_k_kept, w_k_nope = split_key_rows(w["k_proj.weight"], config, name, kept)
 
-    rank, (k_rank, v_rank) = config.mla_rank(name), config.mla_latent_split(name)
+    k_rank, v_rank = config.mla_latent_split(name)
     if config.svd_method == "joint":
         stacked = torch.cat([w_k_nope, w["v_proj.weight"]])  # (H*nope + D, D)
-        if rank >= d_model:  # full width: the latent is the block's input itself, no SVD (exact)
+        if is_exact(config, name):  # full width: the latent is the block's input itself, no SVD
             up, down = stacked, torch.eye(d_model, dtype=stacked.dtype)
         else:
-            up, down = low_rank(stacked, rank, *whitening(covariance, d_model))
+            up, down = low_rank(stacked, config.mla_rank(name), *whitening(covariance, d_model))
         up_k, up_v = up.split([w_k_nope.shape[0], d_model])
     else:
         sqrt_cov, inv_sqrt_cov = whitening(covariance, d_model)
@@ -563,11 +564,11 @@ def convert_whisper_to_mla(
             "Activation-aware SVD and 2-norm key selection expect calibration audio, but found none; pass "
             "calibration_audio (--calibration_data) or use activation_aware=False with key_selection='uniform'."
         )
-    if calibrated and not needs_statistics:  # e.g. the defaults: minutes of calibration that change no weight
-        logger.info("Every converted block is exact at these settings (full-width latents, uniform kept dims): the "
-                    "calibration audio is not needed and is not used.")
+    if not needs_statistics:  # e.g. the defaults: minutes of calibration that change no weight
+        if calibrated:
+            logger.info("Every converted block is exact at these settings (full-width latents, uniform kept dims): "
+                        "the calibration audio is not needed and is not used.")
         calibration_audio = calibration_statistics = None
-    if not needs_statistics:
         activation_aware = False
     stats = calibration_statistics
     if stats is None and calibration_audio is not None:

@@ -141,7 +141,8 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
 # Whisper-MLA
 
 This checkpoint is {base or 'a Whisper model'} with DeepSeek-style multi-head latent attention (MLA) in
-{', '.join(config.mla_targets)} attention: a converted block caches {widths} plus {config.kept_key_dims} uncompressed key dims per head, instead of full keys and values. {cross}
+{', '.join(config.mla_targets)} attention: a converted block caches {widths} plus {config.kept_key_dims}
+uncompressed key dims per head, instead of full keys and values. {cross}
 
 | setting | value |
 |---|---|
