@@ -137,6 +137,9 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
                            + (f", {metrics['train_skipped_bad_during_training']} undecodable skipped during training"
                               if metrics.get("train_skipped_bad_during_training") else "") + ")"),
     ]
+    if "train_speed_perturbed_copies" in data_report:
+        rows.append(("speed perturbation", f"{data_report['train_speed_perturbed_copies']} copies of the clips at "
+                     f"speeds {', '.join(f'{f:g}' for f in data_args.speed_perturbation)} (tempo and pitch)"))
     if "train_joined_samples" in data_report:
         rows.append(("long-form samples", f"{data_report['train_joined_utterances']} utterances joined into "
                      f"{data_report['train_joined_samples']} samples of up to {data_args.concatenate_to_seconds:g} s "

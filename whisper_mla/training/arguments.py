@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from whisper_mla.arguments import check_number
+from whisper_mla.training.perturb import check_speeds
 
 
 TRAINABLE = ("all", "attention", "mla", "mla_self", "lora")
@@ -120,6 +121,14 @@ class DataArguments:
                   "that timestamped (long-form) decoding is trained; with --distill the teacher is asked for "
                   "timestamps (and decodes the audio, not precomputed encoder outputs)."},
     )
+    speed_perturbation: list[float] | None = field(
+        default=None,
+        metadata={"help": "Also train on every clip at these speeds, e.g. 0.9 1.1 (Kaldi's 3-way speed perturbation "
+                  "with the original): resampled so that tempo and pitch change together, which sounds like other "
+                  "speakers. Copies keep the transcript (with --distill the teacher transcribes each), join as a "
+                  "speaker of their own with --concatenate_to_seconds, and are dropped like any clip when longer "
+                  "than --max_duration_in_seconds; --max_train_samples counts the original clips."},
+    )
     do_lower_case: bool = field(default=False, metadata={"help": "Lower-case transcripts before tokenising."})
     language: str | None = field(
         default=None, metadata={"help": "Language of the audio for multilingual models, e.g. en (labels, decoding)."}
@@ -179,6 +188,7 @@ def validate_arguments(model_args, data_args, distill_args, training_args) -> No
     check_number("--pseudo_label_batch_size", distill_args.pseudo_label_batch_size, minimum=1)
     check_number("--concatenate_to_seconds", data_args.concatenate_to_seconds, above=0, maximum=30, optional=True,
                  fix="pass at most 30 (Whisper's window), e.g. 30, or leave it out to train on single utterances")
+    check_speeds(data_args.speed_perturbation or [])
     if data_args.concatenate_timestamps and data_args.concatenate_to_seconds is None:
         raise ValueError("--concatenate_timestamps expects --concatenate_to_seconds (the joined samples it "
                          "timestamps), but found none; pass --concatenate_to_seconds 30, or drop "

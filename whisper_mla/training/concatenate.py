@@ -47,7 +47,8 @@ class JoinedAudio(LazyAudio):
 
 
 def speaker_keys(examples: list[dict]) -> list[tuple]:
-    """The group of each example: (its source, the manifest's speaker or voice field, else the clip's folder).
+    """The group of each example: (its source, the manifest's speaker or voice field, else the clip's folder, its
+    --speed_perturbation speed).
 
     Args:
         examples: dicts with "id" and "source" (the --train_data entry they came from), as `load_clips` returns.
@@ -61,7 +62,7 @@ def speaker_keys(examples: list[dict]) -> list[tuple]:
         if speaker is None:
             match = LIBRISPEECH_ID.match(example["id"])
             speaker = match.group(1) if match else posixpath.dirname(example["id"])
-        keys.append((source, speaker))
+        keys.append((source, speaker, example.get("speed", 1.0)))  # a speed-perturbed copy is a speaker of its own
     return keys
 
 

@@ -20,6 +20,7 @@ from whisper_mla.training.concatenate import (
     timestamp_prefix,
     timestamp_token,
 )
+from whisper_mla.training.perturb import add_speed_perturbed_copies
 
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
                                    data_args.max_train_samples, require_text=not distill_args.distill)
     for message in skipped:
         logger.warning("Skipped: %s", message)
+    perturbed_report = {}
+    if data_args.speed_perturbation:
+        num_clips = len(examples)
+        examples = add_speed_perturbed_copies(examples, data_args.speed_perturbation)
+        perturbed_report = {"train_speed_perturbed_copies": len(examples) - num_clips}
+        logger.info("Speed perturbation %s: %d clips -> %d.", data_args.speed_perturbation, num_clips, len(examples))
     max_seconds = data_args.max_duration_in_seconds
     if data_args.concatenate_to_seconds is not None:
         max_seconds = min(max_seconds, data_args.concatenate_to_seconds)  # no joined sample is longer either
@@ -272,7 +279,7 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
     dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
                                    skip_bad=data_args.skip_bad_samples)
     report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
-              "train_dropped_long_labels": dropped_labels, **joined_report}
+              "train_dropped_long_labels": dropped_labels, **perturbed_report, **joined_report}
     logger.info("Training clips: %s", report)
     return dataset, report
 
