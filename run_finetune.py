@@ -144,7 +144,8 @@ def training_summary(model_args, data_args, distill_args, training_args, data_re
         rows.append(("long-form samples", f"{data_report['train_joined_utterances']} utterances joined into "
                      f"{data_report['train_joined_samples']} samples of up to {data_args.concatenate_to_seconds:g} s "
                      f"(mean {data_report['train_joined_mean_seconds']:.1f} s), "
-                     + ("with timestamps" if data_args.concatenate_timestamps else "without timestamps")))
+                     + ("with timestamps" if data_args.concatenate_timestamps else "without timestamps")
+                     + (", beside the single utterances" if data_args.concatenate_keep_utterances else "")))
     rows += [
         ("steps", f"{metrics.get('global_step')} (batch {args.per_device_train_batch_size} x "
                   f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes)"),

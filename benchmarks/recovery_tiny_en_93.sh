@@ -18,7 +18,8 @@
 #   # self-attention widths shared out by each layer's spectrum, --kv_lora_rank_allocation; KEPT: key dims per head
 #   # kept uncompressed, 2-norm; SELF_RANK + 6 x KEPT values per token and layer, so 120 0 caches what 96 4 does)
 #
-# The two trainings run side by side, one CPU thread each. Writes OUTPUT_DIR/results.md.
+# The two trainings run side by side, one CPU thread each. Writes OUTPUT_DIR/results.md and results.json (the
+# points `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/recovery93}
@@ -72,23 +73,27 @@ out, steps, lr, self_rank, trainable, allocation, kept = sys.argv[1:]
 sets = ("multi_eval", "multi_eval_long", "real_eval")
 mla = (f"MLA self {self_rank} + {kept} kept key dims/head" + (" (spectrum allocation)" if allocation == "spectrum" else "")
        + " + shared cross 192")
+setting = f"self={self_rank}+{kept},cross=shared:192"
 labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training",
           "mla-svd": f"{mla}, SVD init, distilled ({trainable}) {steps} steps at {lr}",
           "mla-random": f"{mla}, random MLA init, distilled ({trainable}) {steps} steps at {lr}"}
 rows = ["| model | cache per 30 s utterance (T=100) | float cut | " + " | ".join(f"WER {s}" for s in sets)
         + " | training minutes |", "|---|---|---|" + "---|" * len(sets) + "---|"]
-mha_utterance = None
+records, mha_utterance = [], None
 for arm, label in labels.items():
     results = {s: json.load(open(os.path.join(out, f"eval-{arm}-{s}", "results.json"))) for s in sets}
     cache = results["multi_eval"]["cache_bytes_per_token_split"]
     utterance = cache["cross"] * 1500 + cache["self"] * 100
     mha_utterance = mha_utterance or utterance  # the first row is MHA's
-    minutes = ""
     metrics = os.path.join(out, arm, "all_results.json")
-    if os.path.isfile(metrics):
-        minutes = f"{json.load(open(metrics))['train_runtime'] / 60:.1f}"
-    rows.append(f"| {label} | {utterance / 2**20:.2f} MiB | {100 * (1 - utterance / mha_utterance):.1f}% | " + " | ".join(f"{results[s]['wer']:.2f}" for s in sets)
-                + f" | {minutes} |")
+    minutes = json.load(open(metrics))["train_runtime"] / 60 if os.path.isfile(metrics) else None
+    records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "cache_per_utterance": utterance,
+                    "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,
+                    **{f"wer_{s}": results[s]["wer"] for s in sets}})
+    rows.append(f"| {label} | {utterance / 2**20:.2f} MiB | {records[-1]['reduction_%']:.1f}% | "
+                + " | ".join(f"{results[s]['wer']:.2f}" for s in sets)
+                + f" | {'' if minutes is None else f'{minutes:.1f}'} |")
 open(os.path.join(out, "results.md"), "w").write("\n".join(rows) + "\n")
+json.dump({"rows": records}, open(os.path.join(out, "results.json"), "w"), indent=2)  # sweep_compression.py --recovered
 print("\n".join(rows))
 PY

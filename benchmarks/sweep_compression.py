@@ -49,6 +49,11 @@ class SweepArguments:
     calibration_samples: int = field(default=64)
     tokens: int = field(default=100, metadata={"help": "Decoder tokens of the utterance the cache column counts."})
     max_eval_samples: int | None = field(default=None)
+    recovered: list[str] = field(
+        default_factory=list,
+        metadata={"help": "results.json files of benchmarks/recovery_tiny_en_93.sh: each run's SVD-init and distilled "
+                  "rows join the table and the plot (an arrow from before to after recovery)."},
+    )
     language: str | None = field(default=None, metadata={"help": "For multilingual models, e.g. 'en'."})
 
 
@@ -125,10 +130,29 @@ def main():
         wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
         table.append(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
                      f"{row['reduction_int8_%']}% | {wers} |")
+    recovered = [read_recovery(path, args.eval_sets) for path in args.recovered]
+    for before, after in recovered:
+        for row in (before, after):
+            wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
+            table.append(f"| {row['label']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% "
+                         f"| - | {wers} |")
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
-    plot_trade_off(rows, args.eval_sets[0], os.path.join(args.output_dir, "sweep.png"), args.model)
+    plot_trade_off(rows, args.eval_sets[0], os.path.join(args.output_dir, "sweep.png"), args.model, recovered)
+
+
+def read_recovery(path: str, eval_sets: list[str]) -> tuple[dict, dict]:
+    """(SVD init, distilled) rows of a recovery run's results.json, checked to hold every eval set."""
+    with open(path) as f:
+        rows = {row["arm"]: row for row in json.load(f)["rows"]}
+    missing = [f"{arm}: wer_{name}" for arm in ("init", "mla-svd") for name in eval_sets
+               if f"wer_{name}" not in rows.get(arm, {})]
+    if missing:
+        raise ValueError(f"--recovered expects results.json of benchmarks/recovery_tiny_en_93.sh with the init and "
+                         f"mla-svd rows scored on {eval_sets}, but {path} lacks {missing}; pass --eval_sets the run "
+                         "scored, or rerun it.")
+    return rows["init"], rows["mla-svd"]
 
 
 def cross_layout(spec: str) -> str:
@@ -137,9 +161,9 @@ def cross_layout(spec: str) -> str:
     return {"shared": "shared cross latent", "per_layer": "per-layer cross latents", "mha": "cross-attention MHA"}[cross]
 
 
-def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str) -> None:
+def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str, recovered=()) -> None:
     """WER on `eval_name` against the float cache reduction, one series per cross-attention layout, each point
-    labelled with its setting; MHA as a horizontal line."""
+    labelled with its setting; MHA as a horizontal line; each (before, after) recovery pair as an arrow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,10 +183,18 @@ def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str) -> N
         for row in points:
             ax.annotate(row["setting"], (row["reduction_%"], row[f"wer_{eval_name}"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
+    for index, (before, after) in enumerate(recovered):
+        (x0, y0), (x1, y1) = ((row["reduction_%"], row[f"wer_{eval_name}"]) for row in (before, after))
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "black"})
+        ax.plot([x1], [y1], marker="*", markersize=12, color="black", linestyle="none",
+                label="after recovery (distilled)" if index == 0 else None)
+        ax.annotate(f"{after['setting']}, distilled", (x1, y1), fontsize=7, textcoords="offset points",
+                    xytext=(4, -10))
     ax.set_xlabel("decoder cache reduction, 30 s utterance, float (%)")
     ax.set_ylabel(f"WER on {eval_name} (log scale)")
     ax.set_yscale("log")
-    ax.set_title(f"Whisper {model}: WER against cache cut, no training")
+    ax.set_title(f"Whisper {model}: WER against cache cut" + (", before and after recovery" if recovered
+                                                               else ", no training"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1033,6 +1033,39 @@ def test_distillation_on_joined_audio_asks_the_teacher_for_timestamps(tiny_mha, 
     assert dataset.encoder_states is not None  # the student's encoder outputs are still precomputed
 
 
+@pytest.mark.parametrize("distill", [False, True])
+def test_joined_samples_can_keep_the_single_utterances_beside_them(tiny_mha, tiny_processor, voices_manifest,
+                                                                    distill):
+    """--concatenate_keep_utterances: the 12 utterances alone (no timestamps) and then the joined samples (with)."""
+    import copy
+
+    from whisper_mla.training.arguments import DataArguments, DistillationArguments
+    from whisper_mla.training.data import build_train_dataset
+
+    data_args = DataArguments(train_data=[voices_manifest], concatenate_to_seconds=4.0, concatenate_timestamps=True,
+                              concatenate_keep_utterances=True)
+    student = convert_whisper_to_mla(copy.deepcopy(tiny_mha), kv_lora_rank=8, kept_key_dims=2)
+    dataset, report = build_train_dataset(data_args, DistillationArguments(distill=distill, pseudo_label_batch_size=5),
+                                          ModelArguments(trainable="mla"), student, tiny_mha if distill else None,
+                                          tiny_processor, max_label_length=20, share_encoder=True, device="cpu",
+                                          seed=0)
+    joined = report["train_joined_samples"]
+    assert 1 < joined < 12 and len(dataset) == report["train_samples"] == 12 + joined
+    assert len(dataset.encoder_states) == len(dataset.labels) == 12 + joined
+    assert all(ids[:2] == [SOT, NO_TIMESTAMPS] for ids in dataset.labels[:12])
+    assert all(ids[0] == SOT and ids[1] >= 50363 for ids in dataset.labels[12:])
+    if not distill:  # the transcripts: each utterance's own, then the joined ones
+        texts = [tiny_processor.tokenizer.decode(ids, skip_special_tokens=True) for ids in dataset.labels]
+        assert texts[:12] == [e["text"] for e in load_examples(voices_manifest)]
+        assert sorted(" ".join(texts[:12]).split()) == sorted(" ".join(texts[12:]).split())
+    with pytest.raises(ValueError, match="--concatenate_keep_utterances expects --concatenate_to_seconds"):
+        from whisper_mla.training.arguments import validate_arguments
+
+        validate_arguments(ModelArguments(), DataArguments(train_data=[voices_manifest],
+                                                           concatenate_keep_utterances=True),
+                           DistillationArguments(), Seq2SeqTrainingArguments(output_dir="unused"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["transcripts", "distill"])
 def test_long_form_training_runs_lazy_or_not(sharp_mha_dir, voices_manifest, tmp_path, objective):

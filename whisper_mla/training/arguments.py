@@ -129,6 +129,11 @@ class DataArguments:
                   "speaker of their own with --concatenate_to_seconds, and are dropped like any clip when longer "
                   "than --max_duration_in_seconds; --max_train_samples counts the original clips."},
     )
+    concatenate_keep_utterances: bool = field(
+        default=False,
+        metadata={"help": "With --concatenate_to_seconds: train on every utterance on its own as well (labelled "
+                  "without timestamps), beside the joined samples, so that short-form decoding keeps being trained."},
+    )
     do_lower_case: bool = field(default=False, metadata={"help": "Lower-case transcripts before tokenising."})
     language: str | None = field(
         default=None, metadata={"help": "Language of the audio for multilingual models, e.g. en (labels, decoding)."}
@@ -189,6 +194,10 @@ def validate_arguments(model_args, data_args, distill_args, training_args) -> No
     check_number("--concatenate_to_seconds", data_args.concatenate_to_seconds, above=0, maximum=30, optional=True,
                  fix="pass at most 30 (Whisper's window), e.g. 30, or leave it out to train on single utterances")
     check_speeds(data_args.speed_perturbation or [])
+    if data_args.concatenate_keep_utterances and data_args.concatenate_to_seconds is None:
+        raise ValueError("--concatenate_keep_utterances expects --concatenate_to_seconds (the joined samples the "
+                         "utterances are kept beside), but found none; pass --concatenate_to_seconds 30, or drop "
+                         "--concatenate_keep_utterances.")
     if data_args.concatenate_timestamps and data_args.concatenate_to_seconds is None:
         raise ValueError("--concatenate_timestamps expects --concatenate_to_seconds (the joined samples it "
                          "timestamps), but found none; pass --concatenate_to_seconds 30, or drop "

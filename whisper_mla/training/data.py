@@ -199,8 +199,9 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
                         share_encoder: bool, device, seed: int = 0):
     """Training clips with their targets: tokenised transcripts, or with --distill the teacher's greedy transcripts
     (made once, batched). When the encoder is shared and frozen, its outputs are computed here once per clip. With
-    --concatenate_to_seconds the clips are first joined into long-form samples (with --concatenate_timestamps,
-    labelled or transcribed with timestamps).
+    --speed_perturbation copies of the clips at other speeds are added first; with --concatenate_to_seconds the clips
+    are then joined into long-form samples (with --concatenate_timestamps, labelled or transcribed with timestamps),
+    and --concatenate_keep_utterances trains on the single utterances too (without timestamps).
 
     Args:
         data_args, distill_args, model_args: the script's arguments (sources, limits, --distill, precomputing).
@@ -235,28 +236,52 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
         # decode is cheap next to that): find lazily loaded clips that do not decode before any of it.
         examples, undecodable = drop_undecodable(examples, data_args.skip_bad_samples)
         skipped += undecodable
-    joined_report = {}
+    joined_report, groups = {}, [(examples, False)]  # (examples, labelled with timestamps)
     if data_args.concatenate_to_seconds is not None and examples:
-        examples, joined_report = concatenate_examples(examples, data_args.concatenate_to_seconds, seed)
+        joined, joined_report = concatenate_examples(examples, data_args.concatenate_to_seconds, seed)
         logger.info("Joined %d utterances into %d samples of %.1f s on average (at most %g s).",
                     joined_report["train_joined_utterances"], joined_report["train_joined_samples"],
                     joined_report["train_joined_mean_seconds"], data_args.concatenate_to_seconds)
-    timestamps = data_args.concatenate_timestamps
-    labels, dropped_labels = None, 0
-    if not distill_args.distill:
-        examples, labels, dropped_labels = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
-                                                                data_args.do_lower_case, timestamps)
-    if not examples:
+        groups = [(joined, data_args.concatenate_timestamps)]
+        if data_args.concatenate_keep_utterances:
+            groups.insert(0, (examples, False))
+    if precompute and not fits_in_memory(sum(len(group) for group, _ in groups), student.config):
+        logger.warning("Encoder outputs of %d samples would not fit in memory; the encoder runs every step instead.",
+                       sum(len(group) for group, _ in groups))
+        precompute = False
+    audios, labels, states, dropped_labels = [], [], [] if precompute else None, 0
+    for group, timestamps in groups:
+        group_audios, group_labels, group_states, dropped = make_targets(
+            group, timestamps, data_args, distill_args, student, teacher, processor, max_label_length, precompute,
+            device)
+        audios, labels, dropped_labels = audios + group_audios, labels + group_labels, dropped_labels + dropped
+        if precompute:
+            states += group_states
+    if not labels:
         raise ValueError(f"Found no usable training clips in {data_args.train_data} ({len(skipped)} bad, "
                          f"{dropped_long} longer than {max_seconds} s, {dropped_labels} with transcripts over "
                          "max_label_length); check the data and those limits.")
-    audios = [e["audio"] for e in examples]
-    if precompute and not fits_in_memory(len(audios), student.config):
-        logger.warning("Encoder outputs of %d clips would not fit in memory; the encoder runs every step instead.",
-                       len(audios))
-        precompute = False
-    states = None
-    if precompute or teacher is not None:
+    dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
+                                   skip_bad=data_args.skip_bad_samples)
+    report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
+              "train_dropped_long_labels": dropped_labels, **perturbed_report, **joined_report}
+    logger.info("Training clips: %s", report)
+    return dataset, report
+
+
+def make_targets(examples, timestamps, data_args, distill_args, student, teacher, processor, max_label_length,
+                 precompute, device):
+    """The targets of one group of training samples, all with timestamped labels or all without: tokenised
+    transcripts, or with --distill the teacher's greedy transcripts; and the encoder outputs when `precompute`.
+
+    Returns (audios, label ids, encoder outputs or None, number of transcripts dropped as too long).
+    """
+    labels, dropped = [], 0
+    if not distill_args.distill:
+        examples, labels, dropped = tokenize_transcripts(examples, processor.tokenizer, max_label_length,
+                                                         data_args.do_lower_case, timestamps)
+    audios, states = [e["audio"] for e in examples], None
+    if audios and (precompute or teacher is not None):
         tokenizer = processor.tokenizer
         prefix = timestamp_prefix(tokenizer) if timestamps else tokenizer.prefix_tokens
         generate_kwargs = {"max_new_tokens": max_label_length - len(prefix)}
@@ -276,12 +301,7 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
             for ids in pseudo_labels[:3]:
                 logger.info("Pseudo-label: %r", tokenizer.decode(ids, skip_special_tokens=not timestamps,
                                                                  decode_with_timestamps=timestamps))
-    dataset = SpeechSeq2SeqDataset(None if precompute else audios, labels, processor.feature_extractor, states,
-                                   skip_bad=data_args.skip_bad_samples)
-    report = {"train_samples": len(dataset), "train_skipped_bad": len(skipped), "train_dropped_long": dropped_long,
-              "train_dropped_long_labels": dropped_labels, **perturbed_report, **joined_report}
-    logger.info("Training clips: %s", report)
-    return dataset, report
+    return audios, labels, states, dropped
 
 
 def build_eval_dataset(data_args, processor, max_label_length):
