@@ -29,7 +29,9 @@ low-rank projections afresh (what the SVD initialisation is worth).
 
 Long-form training: `--concatenate_to_seconds 30` joins consecutive utterances of one speaker (short silences
 between them) into samples of up to 30 s; `--concatenate_timestamps` labels each utterance with Whisper's timestamp
-tokens (with `--distill`, the teacher is asked for them), so that timestamped long-form decoding is trained.
+tokens (with `--distill`, the teacher is asked for them), so that timestamped long-form decoding is trained;
+`--concatenate_keep_utterances` trains on the single utterances (without timestamps) beside them.
+`--speed_perturbation 0.9 1.1` adds copies of every clip at those speeds (tempo and pitch: other-sounding voices).
 
 Every `checkpoint-N` and the final `output_dir` are Whisper-MLA checkpoints that load in a fresh process with
 `AutoModelForSpeechSeq2Seq.from_pretrained(path, trust_remote_code=True)`; `--resume_from_checkpoint latest`

@@ -10,16 +10,24 @@
 #   - mla-random:  the same with the MLA projections redrawn randomly (--mla_from_scratch): what the SVD init is worth.
 # The MHA control of a label-free run is the MHA original itself: distilled from itself its loss is 0 from the first
 # step (run_finetune.py --mha_baseline), so its row is the original's.
+# Stage 2 (LONG_STEPS > 0): the original's long-audio TO-DO. Each arm goes on from its stage-1 model, distilled on
+# samples of up to 30 s that join consecutive utterances of one voice (--concatenate_to_seconds 30), transcribed by
+# the teacher with timestamps (--concatenate_timestamps), so that positions and timestamp tokens of long-form decoding
+# are trained; the short-clip stage trains only the first ~30 positions of the self-attention latents.
 # Evaluation: speakers calibration and training never heard (multi_eval, 36 clips; multi_eval_long, 3 recordings of
 # 45-146 s, long-form with timestamps), and the calibration speaker's held-out prompts (real_eval).
 #
-#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT]
-#   # defaults: outputs/recovery93, 500, 2e-4, 120, mla_self, uniform, 0 (ALLOCATION spectrum: the 4 x SELF_RANK
+#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT] [LONG_STEPS] [SPEEDS]
+#   # defaults: outputs/recovery93, 500, 2e-4, 120, mla_self, uniform, 0, 0 (ALLOCATION spectrum: the 4 x SELF_RANK
 #   # self-attention widths shared out by each layer's spectrum, --kv_lora_rank_allocation; KEPT: key dims per head
-#   # kept uncompressed, 2-norm; SELF_RANK + 6 x KEPT values per token and layer, so 120 0 caches what 96 4 does)
+#   # kept uncompressed, 2-norm; SELF_RANK + 6 x KEPT values per token and layer, so 120 0 caches what 96 4 does;
+#   # LONG_STEPS: steps of the long-form stage at LEARNING_RATE / 2, 0 for none; SPEEDS, e.g. "0.9 1.1": the long-form
+#   # stage also joins copies of the clips at these speeds, --speed_perturbation; default none)
 #
-# The two trainings run side by side, one CPU thread each. Writes OUTPUT_DIR/results.md and results.json (the
-# points `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot).
+# The converted model (calibrated once) is where both arms start. The two trainings run side by side, one CPU thread
+# each. A stage whose output folder already holds a finished model (config.json, written last) is reused, so an
+# interrupted run goes on where it stopped. Writes OUTPUT_DIR/results.md and results.json (the points
+# `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/recovery93}
@@ -29,7 +37,8 @@ SELF_RANK=${4:-120}
 TRAINABLE=${5:-mla_self}
 ALLOCATION=${6:-uniform}
 KEPT=${7:-0}
-DECAY=$((STEPS / 3))
+LONG_STEPS=${8:-0}
+SPEEDS=${9:-}
 mkdir -p "$OUT"
 TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model; print(ensure_packaged_model("tiny.en"))')
 SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
@@ -37,46 +46,67 @@ SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech
 # Calibration and training audio: real and synthetic training clips, alternating (never an eval set).
 python benchmarks/mixed_train_manifest.py "$OUT/train.json"
 
-MLA_FLAGS=(--kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims "$KEPT" --key_selection 2-norm
-           --cross_attention_latent shared --cross_kv_lora_rank 192)
-python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
-  "${MLA_FLAGS[@]}" --calibration_data "$OUT/train.json" --calibration_samples 256
+if [ ! -f "$OUT/init/config.json" ]; then
+  python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
+    --kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims "$KEPT" \
+    --key_selection 2-norm --cross_attention_latent shared --cross_kv_lora_rank 192 \
+    --calibration_data "$OUT/train.json" --calibration_samples 256
+fi
 
-train() {  # ARM EXTRA_FLAGS...
-  local arm=$1; shift
-  OMP_NUM_THREADS=1 python run_finetune.py --model_name_or_path "$TINY" "${MLA_FLAGS[@]}" \
-    --calibration_data "$OUT/train.json" --calibration_samples 256 "$@" \
-    --distill --distill_alpha 0 --trainable "$TRAINABLE" \
-    --train_data "$OUT/train.json" --max_train_samples 544 --max_label_length 128 --pseudo_label_batch_size 16 \
-    --output_dir "$OUT/$arm" --overwrite_output_dir --use_cpu --seed 0 \
-    --per_device_train_batch_size 8 --learning_rate "$LR" --adam_beta2 0.95 \
-    --lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $DECAY, \"decay_type\": \"1-sqrt\"}" \
-    --warmup_steps 20 --max_steps "$STEPS" \
+train() {  # FROM OUTPUT STEPS LEARNING_RATE EXTRA_FLAGS...: one distillation stage, skipped when OUTPUT is finished
+  local from=$1 output=$2 steps=$3 lr=$4; shift 4
+  [ -f "$output/config.json" ] && { echo "reusing $output"; return; }
+  OMP_NUM_THREADS=1 python run_finetune.py --model_name_or_path "$from" --teacher_model_name_or_path "$TINY" "$@" \
+    --distill --distill_alpha 0 --trainable "$TRAINABLE" --train_data "$OUT/train.json" --pseudo_label_batch_size 16 \
+    --output_dir "$output" --overwrite_output_dir --use_cpu --seed 0 \
+    --per_device_train_batch_size 8 --learning_rate "$lr" --adam_beta2 0.95 \
+    --lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((steps / 3)), \"decay_type\": \"1-sqrt\"}" \
+    --warmup_steps 20 --max_steps "$steps" \
     --logging_steps 10 --save_strategy steps --save_steps 200 --save_total_limit 1 --report_to none --disable_tqdm true \
-    > "$OUT/$arm.log" 2>&1
+    > "$output.log" 2>&1
 }
-train mla-svd &
-train mla-random --mla_from_scratch &
+arm() {  # ARM EXTRA_FLAGS...: stage 1 on short clips, then (LONG_STEPS > 0) stage 2 on joined 30 s samples
+  local name=$1; shift
+  local short="$OUT/$name"
+  [ "$LONG_STEPS" -gt 0 ] && short="$OUT/$name-short"
+  train "$OUT/init" "$short" "$STEPS" "$LR" "$@" --max_train_samples 544 --max_label_length 128
+  if [ "$LONG_STEPS" -gt 0 ]; then
+    train "$short" "$OUT/$name" "$LONG_STEPS" "$(python -c "print($LR / 2)")" \
+      --concatenate_to_seconds 30 --concatenate_timestamps --max_label_length 256 \
+      ${SPEEDS:+--speed_perturbation $SPEEDS}
+  fi
+}
+arm mla-svd &
+arm mla-random --mla_from_scratch &
 wait
 
-for arm in mha init mla-svd mla-random; do
+ARMS=(mha init mla-svd mla-random)
+[ "$LONG_STEPS" -gt 0 ] && ARMS=(mha init mla-svd-short mla-svd mla-random-short mla-random)
+for arm in "${ARMS[@]}"; do
   model=$([ "$arm" = mha ] && echo "$TINY" || echo "$OUT/$arm")
   for set in multi_eval multi_eval_long real_eval; do
+    [ -f "$OUT/eval-$arm-$set/results.json" ] && continue
     python run_eval.py --model_name_or_path "$model" --data "$SPEECH/$set.json" --output_dir "$OUT/eval-$arm-$set" \
       --overwrite_output_dir --batch_size 8 > /dev/null 2>&1
   done
 done
 
-python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" <<'PY'
+python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" "$LONG_STEPS" "$SPEEDS" <<'PY'
 import json, os, sys
-out, steps, lr, self_rank, trainable, allocation, kept = sys.argv[1:]
+out, steps, lr, self_rank, trainable, allocation, kept, long_steps, speeds = sys.argv[1:]
 sets = ("multi_eval", "multi_eval_long", "real_eval")
 mla = (f"MLA self {self_rank} + {kept} kept key dims/head" + (" (spectrum allocation)" if allocation == "spectrum" else "")
        + " + shared cross 192")
 setting = f"self={self_rank}+{kept},cross=shared:192"
-labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training",
-          "mla-svd": f"{mla}, SVD init, distilled ({trainable}) {steps} steps at {lr}",
-          "mla-random": f"{mla}, random MLA init, distilled ({trainable}) {steps} steps at {lr}"}
+labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training"}
+for arm, init in (("mla-svd", "SVD init"), ("mla-random", "random MLA init")):
+    short = f"{mla}, {init}, distilled ({trainable}) {steps} steps at {lr} on short clips"
+    if int(long_steps):
+        labels[f"{arm}-short"] = short
+        labels[arm] = (f"{short}, then {long_steps} steps at {float(lr) / 2:g} on joined 30 s samples with timestamps"
+                       + (f" (clips also at speeds {speeds})" if speeds else ""))
+    else:
+        labels[arm] = short
 rows = ["| model | cache per 30 s utterance (T=100) | float cut | " + " | ".join(f"WER {s}" for s in sets)
         + " | training minutes |", "|---|---|---|" + "---|" * len(sets) + "---|"]
 records, mha_utterance = [], None
@@ -85,8 +115,10 @@ for arm, label in labels.items():
     cache = results["multi_eval"]["cache_bytes_per_token_split"]
     utterance = cache["cross"] * 1500 + cache["self"] * 100
     mha_utterance = mha_utterance or utterance  # the first row is MHA's
-    metrics = os.path.join(out, arm, "all_results.json")
-    minutes = json.load(open(metrics))["train_runtime"] / 60 if os.path.isfile(metrics) else None
+    stages = [arm] + ([f"{arm}-short"] if f"{arm}-short" in labels else [])  # a final row counts both stages
+    metrics = [os.path.join(out, stage, "all_results.json") for stage in stages]
+    minutes = (sum(json.load(open(m))["train_runtime"] for m in metrics) / 60
+               if all(os.path.isfile(m) for m in metrics) else None)
     records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "cache_per_utterance": utterance,
                     "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,
                     **{f"wer_{s}": results[s]["wer"] for s in sets}})
