@@ -119,7 +119,10 @@ for arm, label in labels.items():
     metrics = [os.path.join(out, stage, "all_results.json") for stage in stages]
     minutes = (sum(json.load(open(m))["train_runtime"] for m in metrics) / 60
                if all(os.path.isfile(m) for m in metrics) else None)
-    records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "cache_per_utterance": utterance,
+    training = None if arm in ("mha", "init") else \
+        "short clips" + (" + long-form stage" if f"{arm}-short" in labels else "")
+    records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "training": training,
+                    "cache_per_utterance": utterance,
                     "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,
                     **{f"wer_{s}": results[s]["wer"] for s in sets}})
     rows.append(f"| {label} | {utterance / 2**20:.2f} MiB | {records[-1]['reduction_%']:.1f}% | "

@@ -49,6 +49,11 @@ class SweepArguments:
     calibration_samples: int = field(default=64)
     tokens: int = field(default=100, metadata={"help": "Decoder tokens of the utterance the cache column counts."})
     max_eval_samples: int | None = field(default=None)
+    from_sweep: str | None = field(
+        default=None,
+        metadata={"help": "An earlier run's sweep.json: rebuild its table and plot (with --recovered points) without "
+                  "converting or scoring again."},
+    )
     recovered: list[str] = field(
         default_factory=list,
         metadata={"help": "results.json files of benchmarks/recovery_tiny_en_93.sh: each run's SVD-init and distilled "
@@ -87,6 +92,11 @@ def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
 def main():
     (args,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.from_sweep is not None:
+        with open(args.from_sweep) as f:
+            sweep = json.load(f)
+        args.model, args.tokens = sweep["model"], sweep["tokens"]
+        return write_report(sweep["rows"], args)
     settings = {spec: parse_setting(spec, args.kept_key_dims) for spec in ["self=mha,cross=mha", *args.settings]}
     model_dir = ensure_packaged_model(args.model)
     manifests = ensure_speech_data()
@@ -123,6 +133,12 @@ def main():
         with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:  # after every setting: stoppable
             json.dump({"model": args.model, "calibration": args.calibration, "tokens": args.tokens, "rows": rows},
                       f, indent=2)
+    write_report(rows, args)
+
+
+def write_report(rows: list[dict], args: SweepArguments) -> None:
+    """sweep.md (the table, --recovered rows last) and sweep.png (the plot) in args.output_dir."""
+    eval_sets = args.eval_sets
     header = " | ".join(f"WER {name}" for name in eval_sets)
     table = [f"| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |",
              "|---|---|---|---|" + "---|" * len(eval_sets)]
@@ -186,10 +202,12 @@ def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str, reco
     for index, (before, after) in enumerate(recovered):
         (x0, y0), (x1, y1) = ((row["reduction_%"], row[f"wer_{eval_name}"]) for row in (before, after))
         ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "black"})
+        ax.plot([x0], [y0], marker="x", color="black", linestyle="none",
+                label="recovery's own SVD init (its calibration)" if index == 0 else None)
         ax.plot([x1], [y1], marker="*", markersize=12, color="black", linestyle="none",
                 label="after recovery (distilled)" if index == 0 else None)
-        ax.annotate(f"{after['setting']}, distilled", (x1, y1), fontsize=7, textcoords="offset points",
-                    xytext=(4, -10))
+        ax.annotate(f"{after['setting']}, {after.get('training') or 'distilled'}", (x1, y1), fontsize=7,
+                    textcoords="offset points", xytext=(6, 8 - 12 * index))
     ax.set_xlabel("decoder cache reduction, 30 s utterance, float (%)")
     ax.set_ylabel(f"WER on {eval_name} (log scale)")
     ax.set_yscale("log")
