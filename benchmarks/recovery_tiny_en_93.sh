@@ -115,12 +115,11 @@ for arm, label in labels.items():
     cache = results["multi_eval"]["cache_bytes_per_token_split"]
     utterance = cache["cross"] * 1500 + cache["self"] * 100
     mha_utterance = mha_utterance or utterance  # the first row is MHA's
-    stages = [arm] + ([f"{arm}-short"] if f"{arm}-short" in labels else [])  # a final row counts both stages
-    metrics = [os.path.join(out, stage, "all_results.json") for stage in stages]
+    two_stages = f"{arm}-short" in labels  # a final row counts both stages
+    metrics = [os.path.join(out, stage, "all_results.json") for stage in [arm] + two_stages * [f"{arm}-short"]]
     minutes = (sum(json.load(open(m))["train_runtime"] for m in metrics) / 60
                if all(os.path.isfile(m) for m in metrics) else None)
-    training = None if arm in ("mha", "init") else \
-        "short clips" + (" + long-form stage" if f"{arm}-short" in labels else "")
+    training = None if arm in ("mha", "init") else "short clips" + two_stages * " + long-form stage"
     records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "training": training,
                     "cache_per_utterance": utterance,
                     "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,

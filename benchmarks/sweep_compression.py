@@ -142,16 +142,13 @@ def write_report(rows: list[dict], args: SweepArguments) -> None:
     header = " | ".join(f"WER {name}" for name in eval_sets)
     table = [f"| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |",
              "|---|---|---|---|" + "---|" * len(eval_sets)]
-    for row in rows:
-        wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
-        table.append(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
-                     f"{row['reduction_int8_%']}% | {wers} |")
     recovered = [read_recovery(path, args.eval_sets) for path in args.recovered]
-    for before, after in recovered:
-        for row in (before, after):
-            wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
-            table.append(f"| {row['label']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% "
-                         f"| - | {wers} |")
+    recovered_rows = [{**row, "setting": row["label"], "reduction_int8_%": None} for pair in recovered for row in pair]
+    for row in rows + recovered_rows:
+        wers = " | ".join(f"{row[f'wer_{name}']:.2f}" for name in eval_sets)
+        int8 = "-" if row["reduction_int8_%"] is None else f"{row['reduction_int8_%']}%"
+        table.append(f"| {row['setting']} | {row['cache_per_utterance'] / 2**20:.2f} MiB | {row['reduction_%']}% | "
+                     f"{int8} | {wers} |")
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n" + "\n".join(table))

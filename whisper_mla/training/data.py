@@ -245,9 +245,10 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
         groups = [(joined, data_args.concatenate_timestamps)]
         if data_args.concatenate_keep_utterances:
             groups.insert(0, (examples, False))
-    if precompute and not fits_in_memory(sum(len(group) for group, _ in groups), student.config):
+    num_samples = sum(len(group) for group, _ in groups)
+    if precompute and not fits_in_memory(num_samples, student.config):
         logger.warning("Encoder outputs of %d samples would not fit in memory; the encoder runs every step instead.",
-                       sum(len(group) for group, _ in groups))
+                       num_samples)
         precompute = False
     audios, labels, states, dropped_labels = [], [], [] if precompute else None, 0
     for group, timestamps in groups:

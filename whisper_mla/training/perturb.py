@@ -67,8 +67,7 @@ def add_speed_perturbed_copies(examples: list[dict], factors: list[float]) -> li
             audio = example["audio"]
             length = perturbed_length(len(audio), factor)
             if isinstance(audio, LazyAudio):
-                audio = SpeedPerturbedAudio(None, None, length, getattr(audio, "where", None), clip=audio,
-                                            factor=factor)
+                audio = SpeedPerturbedAudio(None, None, length, audio.where, clip=audio, factor=factor)
             else:
                 audio = change_speed(audio, factor, length)
             copies.append({**example, "id": f"{example['id']}@speed{factor:g}", "audio": audio, "speed": factor})
