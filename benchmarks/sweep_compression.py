@@ -5,7 +5,8 @@
 
 A setting names the self-attention latent (`self=R` or `self=mha`: not converted) and the cross-attention latent
 (`cross=per_layer:R`, `cross=shared` (width d_model: exact), `cross=shared:R`, or `cross=mha`), and optionally how
-the self-attention widths are shared out (`alloc=spectrum`: the same total, by each block's spectrum); every converted block
+the self-attention widths are shared out (`alloc=spectrum`: the same total, by each block's spectrum) and which kinds
+of blocks are fitted output-aware (`oa=decoder_self`, `oa=decoder_self+decoder_cross`: `--output_aware`); every converted block
 keeps `--kept_key_dims` key dims per head (a shared cross latent keeps none). The packaged real Whisper (tiny.en or
 base, imported from PyPI) is converted at each setting, calibrated on `--calibration` (never evaluated), and scored on
 each `--eval_sets` manifest: `multi_eval` (several real speakers calibration never heard) first, `real_eval` (the
@@ -45,7 +46,9 @@ class SweepArguments:
     kept_key_dims: int = field(default=4)
     eval_sets: list[str] = field(default_factory=lambda: ["multi_eval", "real_eval"],
                                  metadata={"help": "Manifest names of make_speech_data.py to score."})
-    calibration: str = field(default="real_train", metadata={"help": "Manifest name: real_train or synthetic_train."})
+    calibration: str = field(default="real_train", metadata={
+        "help": "Manifest name (real_train or synthetic_train) or a manifest file, e.g. the recovery scripts' mix of "
+                "both (benchmarks/mixed_train_manifest.py)."})
     calibration_samples: int = field(default=64)
     tokens: int = field(default=100, metadata={"help": "Decoder tokens of the utterance the cache column counts."})
     max_eval_samples: int | None = field(default=None)
@@ -65,12 +68,14 @@ class SweepArguments:
 def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
     """Converter keyword arguments of a setting such as "self=192,cross=shared:256"; None for MHA itself."""
     parts = dict(part.split("=", 1) for part in spec.split(","))
-    if not {"self", "cross"} <= set(parts) <= {"self", "cross", "alloc"}:
-        raise ValueError(f"A setting expects self=...,cross=...[,alloc=spectrum], but found {spec!r}; e.g. "
-                         "self=192,cross=shared.")
+    if not {"self", "cross"} <= set(parts) <= {"self", "cross", "alloc", "oa"}:
+        raise ValueError(f"A setting expects self=...,cross=...[,alloc=spectrum][,oa=KIND+KIND], but found {spec!r}; "
+                         "e.g. self=192,cross=shared.")
     targets, kwargs = [], {"kept_key_dims": kept_key_dims, "kv_lora_rank": 1}
     if "alloc" in parts:
         kwargs["kv_lora_rank_allocation"] = parts["alloc"]
+    if "oa" in parts:
+        kwargs["output_aware"] = parts["oa"].split("+")
     if parts["self"] != "mha":
         targets.append("decoder_self")
         kwargs["kv_lora_rank"] = int(parts["self"])
@@ -104,7 +109,8 @@ def main():
     mha = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
     eval_sets = {name: list(load_speech_dataset(str(manifests[name]), max_samples=args.max_eval_samples))
                  for name in args.eval_sets}
-    calibration = load_calibration_audio(str(manifests[args.calibration]), args.calibration_samples)
+    calibration = load_calibration_audio(str(manifests.get(args.calibration, args.calibration)),
+                                         args.calibration_samples)
     # one calibration pass for every setting: statistics of all decoder blocks
     blocks = [f"decoder.layers.{i}.{attn}" for i in range(mha.config.decoder_layers)
               for attn in ("self_attn", "encoder_attn")]

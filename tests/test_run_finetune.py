@@ -844,6 +844,26 @@ def test_mla_from_scratch_differs_from_the_svd_init_exactly_in_the_low_rank_proj
     assert any(not torch.equal(scratch[k], other[k]) for k in expected)
 
 
+def test_mla_from_scratch_of_a_converted_checkpoint_equals_converting_then_redrawing(tiny_checkpoint_dirs,
+                                                                                     tiny_processor):
+    """--mla_from_scratch on the saved Whisper-MLA checkpoint (what benchmarks/recovery_tiny_en_93.sh passes: both
+    arms start from one calibrated conversion) redraws the same projections as converting the MHA model the same way
+    and redrawing them: bit-identical students."""
+    from whisper_mla.training.arguments import DistillationArguments
+    from whisper_mla.training.models import load_student_and_teacher
+
+    mha_dir, mla_dir = tiny_checkpoint_dirs  # mla_dir: kv_lora_rank 8, 2 kept key dims, per-layer cross latents
+    students = {}
+    for start, mla_args in ((mha_dir, MLAArguments(kv_lora_rank=8, kept_key_dims=2, cross_attention_latent="per_layer")),
+                            (mla_dir, MLAArguments())):
+        model_args = ModelArguments(model_name_or_path=start, mla_from_scratch=True, trainable="mla")
+        students[start], _ = load_student_and_teacher(model_args, DistillationArguments(), mla_args, tiny_processor)
+    converted, loaded = (students[start].state_dict() for start in (mha_dir, mla_dir))
+    assert converted.keys() == loaded.keys()
+    for key in converted:
+        assert torch.equal(converted[key], loaded[key]), key
+
+
 @pytest.mark.slow
 def test_mla_from_scratch_trains_and_says_so(tiny_checkpoint_dirs, sources, tmp_path):
     mha_dir, _ = tiny_checkpoint_dirs
@@ -860,10 +880,9 @@ def test_control_and_long_form_flags_explain_the_fix(tiny_checkpoint_dirs, sourc
     data, _ = sources["manifest"]
     with pytest.raises(ValueError, match="--mha_baseline and --mla_from_scratch .* but found both; run them one"):
         run_finetune.main(fast_args(mha_dir, data, tmp_path / "a", "--mha_baseline", "--mla_from_scratch"))
-    for flag in ("--mha_baseline", "--mla_from_scratch"):
-        with pytest.raises(ValueError, match=rf"{flag} .* expects a Whisper \(MHA\) --model_name_or_path, but found "
-                                             "a Whisper-MLA checkpoint .*; pass the MHA model"):
-            run_finetune.main(fast_args(mla_dir, data, tmp_path / "b", flag))
+    with pytest.raises(ValueError, match=r"--mha_baseline .* expects a Whisper \(MHA\) --model_name_or_path, but "
+                                         "found a Whisper-MLA checkpoint .*; pass the MHA model"):
+        run_finetune.main(fast_args(mla_dir, data, tmp_path / "b", "--mha_baseline"))
     with pytest.raises(ValueError, match="--push_to_hub expects a Whisper-MLA checkpoint"):
         run_finetune.main(fast_args(mha_dir, data, tmp_path / "c", "--mha_baseline", "--push_to_hub"))
     with pytest.raises(ValueError, match=r"--concatenate_to_seconds expects a number > 0 and <= 30 \(or unset\), "

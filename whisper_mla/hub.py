@@ -150,7 +150,7 @@ uncompressed key dims per head, instead of full keys and values. {cross}
 | kv_lora_rank | {config.kv_lora_rank}{' (per block: see above)' if config.kv_lora_ranks else ''} |
 | cross-attention latent | {config.cross_attention_latent}{f' (width {config.shared_cross_rank()})' if config.shares_cross_latent_across_layers() else ''} |
 | kept key dims per head | {config.kept_key_dims} ({config.key_selection}) |
-| SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')} |
+| SVD | {config.svd_method}, activation-aware: {(config.mla_conversion or {}).get('activation_aware')}, output-aware: {', '.join((config.mla_conversion or {}).get('output_aware', [])) or 'none'} |
 | decode path | {config.mla_attn_implementation} |
 | decoder cache bytes per decoder token + per encoder frame ({model.dtype}) | {sum(mla.values())} (MHA: {sum(mha.values())}) |
 | cache reduction per token | {reduction:.1f}% |

@@ -47,11 +47,12 @@ class ModelArguments:
     )
     mla_from_scratch: bool = field(
         default=False,
-        metadata={"help": "Paired control: convert as usual (same shapes and config), then re-initialise the "
-                  "low-rank projections of every converted block (kv_a_proj, k_b_proj, v_b_proj, and the shared "
-                  "decoder.cross_kv_a_proj) with the model's own init (normal with std init_std, zero biases), drawn "
-                  "from --seed; q_proj, out_proj and everything else keep the original weights. Measures what the "
-                  "SVD initialisation is worth. Needs a Whisper (MHA) --model_name_or_path."},
+        metadata={"help": "Paired control: convert as usual (same shapes and config), or load the Whisper-MLA "
+                  "--model_name_or_path, then re-initialise the low-rank projections of every converted block "
+                  "(kv_a_proj, k_b_proj, v_b_proj, and the shared decoder.cross_kv_a_proj; with --trainable mla_self "
+                  "those of self-attention only) with the model's own init (normal with std init_std, zero biases), "
+                  "drawn from --seed; q_proj, out_proj and everything else keep their weights. Measures what the "
+                  "SVD initialisation is worth."},
     )
     overwrite_output_dir: bool = field(
         default=False,

@@ -40,15 +40,14 @@ def converted_block_names(model, mla_args=None) -> list[str]:
 
 
 def check_control_flags(model_args, start_is_mla: bool) -> None:
-    """Both controls start from the MHA model: one is it, the other converts it afresh."""
-    for flag, what in (("mha_baseline", "fine-tunes the MHA model without converting it"),
-                       ("mla_from_scratch", "converts the MHA model and re-initialises its low-rank projections")):
-        if getattr(model_args, flag) and start_is_mla:
-            raise ValueError(
-                f"--{flag} {what}, so it expects a Whisper (MHA) --model_name_or_path, but found a Whisper-MLA "
-                f"checkpoint at {model_args.model_name_or_path!r}; pass the MHA model it was converted from (its "
-                "config's mla_conversion.base_model)."
-            )
+    """The MHA control starts from the MHA model (--mla_from_scratch starts from either: it redraws the low-rank
+    projections of the model converted here or of the loaded Whisper-MLA checkpoint)."""
+    if model_args.mha_baseline and start_is_mla:
+        raise ValueError(
+            "--mha_baseline fine-tunes the MHA model without converting it, so it expects a Whisper (MHA) "
+            f"--model_name_or_path, but found a Whisper-MLA checkpoint at {model_args.model_name_or_path!r}; pass the "
+            "MHA model it was converted from (its config's mla_conversion.base_model)."
+        )
 
 
 @torch.no_grad()

@@ -62,16 +62,18 @@ def check_mla_flags_match(config, mla_args: MLAArguments) -> None:
     if mla_args.kv_lora_rank_allocation != defaults.kv_lora_rank_allocation:
         logger.warning("--kv_lora_rank_allocation is ignored: the model is already a Whisper-MLA checkpoint (its "
                        "config's kv_lora_ranks holds the widths it was converted with).")
-    if mla_args.cross_frame_weighting != defaults.cross_frame_weighting:
-        logger.warning("--cross_frame_weighting is ignored: the model is already a Whisper-MLA checkpoint (its "
-                       "config's mla_conversion says how it was calibrated).")
+    for name in ("cross_frame_weighting", "output_aware"):
+        if getattr(mla_args, name) != getattr(defaults, name):
+            logger.warning("--%s is ignored: the model is already a Whisper-MLA checkpoint (its config's "
+                           "mla_conversion says how it was calibrated).", name)
 
 
 def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed: int = 0):
     """The student and, with --distill, the frozen teacher.
 
     The student is the Whisper-MLA model (converted here from an MHA checkpoint, or loaded); with --mla_from_scratch
-    its low-rank projections are then drawn afresh from `seed`; with --mha_baseline it is the MHA model itself,
+    its low-rank projections are then drawn afresh from `seed` (a loaded checkpoint's too: both arms of a recovery run
+    can start from one calibrated conversion); with --mha_baseline it is the MHA model itself,
     unconverted (the paired control), and the default teacher is a frozen copy of it.
 
     Returns:
@@ -93,11 +95,10 @@ def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed
         student = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
                                          feature_extractor=processor.feature_extractor)
         mha = model
-        if model_args.mla_from_scratch:
-            names = reinitialise_low_rank_projections(student, seed,
-                                                      self_attention_only=model_args.trainable == "mla_self")
-            logger.info("--mla_from_scratch: re-initialised %d low-rank projections (seed %d): %s", len(names), seed,
-                        ", ".join(names))
+    if model_args.mla_from_scratch:  # converted here or loaded converted: the conversion gives the shapes
+        names = reinitialise_low_rank_projections(student, seed, self_attention_only=model_args.trainable == "mla_self")
+        logger.info("--mla_from_scratch: re-initialised %d low-rank projections (seed %d): %s", len(names), seed,
+                    ", ".join(names))
     if is_mla_model(student):
         register_remote_code(student.config)  # every checkpoint-N config.json then names the shipped code
     if not distill_args.distill:
