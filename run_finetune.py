@@ -21,8 +21,8 @@ token distributions on those transcripts: loss = (1 - alpha) * T^2 * KL(teacher 
 
 Paired controls, one flag each, with the data, steps and schedule of the MLA run they are compared with:
 `--mha_baseline` fine-tunes the MHA model itself (no conversion; `--trainable mla` trains q/k/v/out of the blocks the
-MLA run converts) and saves a plain Whisper checkpoint; `--mla_from_scratch` converts as usual, then draws the
-low-rank projections afresh (what the SVD initialisation is worth).
+MLA run converts) and saves a plain Whisper checkpoint; `--mla_from_scratch` converts as usual (or loads the Whisper-MLA
+checkpoint given), then draws the low-rank projections afresh (what the SVD initialisation is worth).
 
     python run_finetune.py configs/tiny-en-cpu.yaml --mha_baseline --output_dir outputs/tiny-en-mha-control
     python run_finetune.py configs/tiny-en-cpu.yaml --mla_from_scratch --output_dir outputs/tiny-en-mla-scratch

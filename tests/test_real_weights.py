@@ -156,6 +156,37 @@ def test_batched_calibration_counts_only_what_the_decoder_reads(tiny_en, tiny_en
                                torch.tensor([[True, True, True, False, False], [True, True, False, False, False]]))
 
 
+def unseen_speaker_clips() -> list[dict]:
+    """19 clips (111 words) of speakers calibration never hears (Debian's pocketsphinx-testdata and alsa-utils
+    recordings), as evaluate_model takes them; skips the test where those packages are missing."""
+    from whisper_mla.held_out_speech import alsa_clips, pocketsphinx_clips
+
+    try:
+        clips = pocketsphinx_clips() + alsa_clips()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return [{"id": clip.clip_id, "audio": clip.audio, "text": clip.text} for clip in clips]
+
+
+def unseen_speaker_wer(model, processor, speech, conversions: dict, check) -> dict:
+    """WER on `unseen_speaker_clips` of the MHA model ("mha") and of each conversion {name: MLAArguments}, all
+    calibrated on one pass over 64 real_train clips (the Asterisk speaker); `check(mla, mla_args)` must hold for each
+    converted model."""
+    from whisper_mla.conversion import calibrated_blocks, collect_calibration_statistics, mla_config_from_whisper
+
+    eval_set = unseen_speaker_clips()
+    blocks = sorted({block for mla_args in conversions.values()
+                     for block in calibrated_blocks(mla_config_from_whisper(model.config, mla_args))})
+    stats = collect_calibration_statistics(model, processor.feature_extractor,
+                                           load_calibration_audio(speech["real_train"], 64), blocks)
+    wer = {"mha": evaluate_model(model, processor, eval_set)["wer"]}
+    for name, mla_args in conversions.items():
+        mla = convert_whisper_to_mla(model, mla_args, calibration_statistics=stats)
+        assert check(mla, mla_args), name
+        wer[name] = evaluate_model(mla, processor, eval_set)["wer"]
+    return wer
+
+
 @pytest.mark.slow  # a few minutes: one calibration pass, three evaluations
 def test_attention_weighted_cross_calibration_keeps_a_narrow_shared_latent(tiny_en, tiny_en_processor, speech):
     """A shared cross latent of 192 (half of d_model), self-attention unconverted, calibrated on the Asterisk speaker
@@ -164,25 +195,11 @@ def test_attention_weighted_cross_calibration_keeps_a_narrow_shared_latent(tiny_
     short clip dominates) it loses more. Measured: these 19 clips (111 words) 9.01 against 12.61 (MHA 8.11); the whole
     multi_eval 11.05 against 83.24 (MHA 9.52). On the calibration speaker's own held-out prompts the uniform weighting
     did better (40 clips: 1.88 against 3.01, MHA 0.94): an in-domain set would not have found this."""
-    from whisper_mla.conversion import calibrated_blocks, collect_calibration_statistics, mla_config_from_whisper
-    from whisper_mla.held_out_speech import alsa_clips, pocketsphinx_clips
-
-    try:
-        clips = pocketsphinx_clips() + alsa_clips()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    eval_set = [{"id": clip.clip_id, "audio": clip.audio, "text": clip.text} for clip in clips]
     args = {weighting: MLAArguments(mla_targets=["decoder_cross"], cross_kv_lora_rank=192,
                                     cross_frame_weighting=weighting) for weighting in ("attention", "uniform")}
-    blocks = calibrated_blocks(mla_config_from_whisper(tiny_en.config, args["attention"]))
-    stats = collect_calibration_statistics(tiny_en, tiny_en_processor.feature_extractor,
-                                           load_calibration_audio(speech["real_train"], 64), blocks)
-    wer = {"mha": evaluate_model(tiny_en, tiny_en_processor, eval_set)["wer"]}
-    for weighting, mla_args in args.items():
-        mla = convert_whisper_to_mla(tiny_en, mla_args, calibration_statistics=stats)
-        assert mla.model.decoder.cross_kv_a_proj.weight.shape == (192, 384)
-        wer[weighting] = evaluate_model(mla, tiny_en_processor, eval_set)["wer"]
-    print(f"\nunseen speakers ({len(eval_set)} clips) WER, shared cross latent 192: {wer}")
+    wer = unseen_speaker_wer(tiny_en, tiny_en_processor, speech, args, check=lambda mla, _: (
+        mla.model.decoder.cross_kv_a_proj.weight.shape == (192, 384)))
+    print(f"\nunseen speakers WER, shared cross latent 192: {wer}")
     assert wer["attention"] <= wer["mha"] + 2.5  # at most 2 words more than MHA (measured: 1)
     assert wer["uniform"] >= wer["attention"] + 2.5  # at least 3 words more than attention (measured: 4)
 
@@ -195,24 +212,10 @@ def test_output_aware_self_attention_latents_transcribe_unseen_speakers(tiny_en,
     transcribe about as MHA does; fitted to the keys and values alone they lose more. Measured on these 19 clips
     (111 words): 9.01 against 17.12 (MHA 8.11); on the whole multi_eval, calibrated on 256 clips of real_train and
     synthetic_train, 8.95 against 11.24 (MHA 9.52)."""
-    from whisper_mla.conversion import calibrated_blocks, collect_calibration_statistics, mla_config_from_whisper
-    from whisper_mla.held_out_speech import alsa_clips, pocketsphinx_clips
-
-    try:
-        clips = pocketsphinx_clips() + alsa_clips()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    eval_set = [{"id": clip.clip_id, "audio": clip.audio, "text": clip.text} for clip in clips]
     args = {name: MLAArguments(mla_targets=["decoder_self"], kv_lora_rank=120, kept_key_dims=0, output_aware=kinds)
             for name, kinds in (("output_aware", ["decoder_self"]), ("input_aware", []))}
-    blocks = calibrated_blocks(mla_config_from_whisper(tiny_en.config, args["input_aware"]))
-    stats = collect_calibration_statistics(tiny_en, tiny_en_processor.feature_extractor,
-                                           load_calibration_audio(speech["real_train"], 64), blocks)
-    wer = {"mha": evaluate_model(tiny_en, tiny_en_processor, eval_set)["wer"]}
-    for name, mla_args in args.items():
-        mla = convert_whisper_to_mla(tiny_en, mla_args, calibration_statistics=stats)
-        assert mla.config.mla_conversion.get("output_aware", []) == mla_args.output_aware
-        wer[name] = evaluate_model(mla, tiny_en_processor, eval_set)["wer"]
-    print(f"\nunseen speakers ({len(eval_set)} clips) WER, self-attention latents 120: {wer}")
+    wer = unseen_speaker_wer(tiny_en, tiny_en_processor, speech, args, check=lambda mla, mla_args: (
+        mla.config.mla_conversion.get("output_aware", []) == mla_args.output_aware))
+    print(f"\nunseen speakers WER, self-attention latents 120: {wer}")
     assert wer["output_aware"] <= wer["mha"] + 2.5  # at most 2 words more than MHA (measured: 1)
     assert wer["input_aware"] >= wer["output_aware"] + 4.5  # at least 5 words more than output-aware (measured: 9)
