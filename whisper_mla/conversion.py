@@ -402,9 +402,9 @@ class BlockReading:
 
     @classmethod
     def from_statistics(cls, stats: _BlockStatistics, attention_weighted: bool) -> "BlockReading":
+        second_moment = input_covariance([stats], attention_weighted)  # refuses missing attention statistics
         mean = input_mean([stats], attention_weighted)
-        covariance = input_covariance([stats], attention_weighted) - torch.outer(mean, mean)
-        return cls(mean, covariance, stats.query_gram / max(stats.num_queries, 1))
+        return cls(mean, second_moment - torch.outer(mean, mean), stats.query_gram / max(stats.num_queries, 1))
 
 
 def reading_weights(w: dict, order: torch.Tensor, heads: int, n_kept: int, reading: BlockReading) -> torch.Tensor:
@@ -715,17 +715,18 @@ def convert_whisper_to_mla(
     state = {k.removeprefix("model."): v for k, v in model.state_dict().items() if k.startswith("model.")}
     new_state = {}
     shared_cross = [name for name in config.mla_block_names() if config.is_shared_cross_block(name)]
+    def attention_weighted(names):  # cross blocks weigh the encoder frames by the attention they receive
+        return mla_args.cross_frame_weighting == "attention" and block_kind(names[0]) == "decoder_cross"
+
     def covariance(names):
         if stats is None or not activation_aware:
             return None
-        attention_weighted = mla_args.cross_frame_weighting == "attention" and names[0].endswith("encoder_attn")
-        return input_covariance([stats[name] for name in names], attention_weighted)
+        return input_covariance([stats[name] for name in names], attention_weighted(names))
 
     def readings(names):
         if stats is None or not activation_aware or block_kind(names[0]) not in output_aware:
             return None
-        attention_weighted = mla_args.cross_frame_weighting == "attention" and names[0].endswith("encoder_attn")
-        return [BlockReading.from_statistics(stats[name], attention_weighted) for name in names]
+        return [BlockReading.from_statistics(stats[name], attention_weighted(names)) for name in names]
 
     if mla_args.kv_lora_rank_allocation == "spectrum":
         provenance["kv_lora_rank_allocation"] = "spectrum"
