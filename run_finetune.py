@@ -18,6 +18,8 @@ audiofolder folder, Hub id with `--train_split`); several training sources are c
 With `--distill` no transcript is used: the teacher (`--teacher_model_name_or_path`, by default the MHA model the
 student was converted from) transcribes every training clip once, greedily, and the student learns the teacher's
 token distributions on those transcripts: loss = (1 - alpha) * T^2 * KL(teacher || student) + alpha * CE.
+`--pseudo_label_cache labels.json` keeps those transcripts in a JSON file for later runs: a clip whose audio, teacher
+and decoding settings match one there is not transcribed again (the others are, and are added).
 
 Paired controls, one flag each, with the data, steps and schedule of the MLA run they are compared with:
 `--mha_baseline` fine-tunes the MHA model itself (no conversion; `--trainable mla` trains q/k/v/out of the blocks the

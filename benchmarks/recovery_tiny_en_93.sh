@@ -27,8 +27,11 @@
 #
 # The converted model (calibrated once) is where both arms start. The two trainings run side by side, one CPU thread
 # each. A stage whose output folder already holds a finished model (config.json, written last) is reused, so an
-# interrupted run goes on where it stopped. Writes OUTPUT_DIR/results.md and results.json (the points
-# `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot).
+# interrupted run goes on where it stopped. `benchmarks/recovery_report.py` writes OUTPUT_DIR/results.md and results.json
+# (the points `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot); an arm without a finished model
+# (e.g. a stage stopped for time) shows as "-". The teacher's transcripts are kept in OUTPUT_DIR/pseudo_labels.json
+# (--pseudo_label_cache): after an arm's folder is removed (to retrain it with other steps, say), its rerun labels
+# nothing again, and the second arm reuses what the first one wrote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/recovery93}
@@ -63,6 +66,7 @@ train() {  # FROM OUTPUT STEPS LEARNING_RATE EXTRA_FLAGS...: one distillation st
   [ -f "$output/config.json" ] && { echo "reusing $output"; return; }
   OMP_NUM_THREADS=1 python run_finetune.py --model_name_or_path "$from" --teacher_model_name_or_path "$TINY" "$@" \
     --distill --distill_alpha 0 --trainable "$TRAINABLE" --train_data "$OUT/train.json" --pseudo_label_batch_size 16 \
+    --pseudo_label_cache "$OUT/pseudo_labels.json" \
     --output_dir "$output" --overwrite_output_dir --use_cpu --seed 0 \
     --per_device_train_batch_size 8 --learning_rate "$lr" --adam_beta2 0.95 \
     --lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((steps / 3)), \"decay_type\": \"1-sqrt\"}" \
@@ -89,6 +93,7 @@ ARMS=(mha init mla-svd mla-random)
 [ "$LONG_STEPS" -gt 0 ] && ARMS=(mha init mla-svd-short mla-svd mla-random-short mla-random)
 for arm in "${ARMS[@]}"; do
   model=$([ "$arm" = mha ] && echo "$TINY" || echo "$OUT/$arm")
+  [ -f "$model/config.json" ] || { echo "not scored: $arm has no finished model (the report shows it as -)"; continue; }
   for set in multi_eval multi_eval_long real_eval; do
     [ -f "$OUT/eval-$arm-$set/results.json" ] && continue
     python run_eval.py --model_name_or_path "$model" --data "$SPEECH/$set.json" --output_dir "$OUT/eval-$arm-$set" \
@@ -96,44 +101,6 @@ for arm in "${ARMS[@]}"; do
   done
 done
 
-python - "$OUT" "$STEPS" "$LR" "$SELF_RANK" "$TRAINABLE" "$ALLOCATION" "$KEPT" "$LONG_STEPS" "$SPEEDS" "$OUTPUT_AWARE" \
-  "$CROSS_RANK" <<'PY'
-import json, os, sys
-out, steps, lr, self_rank, trainable, allocation, kept, long_steps, speeds, output_aware, cross_rank = sys.argv[1:]
-sets = ("multi_eval", "multi_eval_long", "real_eval")
-mla = (f"MLA self {self_rank} + {kept} kept key dims/head" + (" (spectrum allocation)" if allocation == "spectrum" else "")
-       + f" + shared cross {cross_rank}" + (f", output-aware {' '.join(output_aware.split())}" if output_aware else ""))
-setting = f"self={self_rank}+{kept},cross=shared:{cross_rank}"
-labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training"}
-for arm, init in (("mla-svd", "SVD init"), ("mla-random", "random MLA init")):
-    short = f"{mla}, {init}, distilled ({trainable}) {steps} steps at {lr} on short clips"
-    if int(long_steps):
-        labels[f"{arm}-short"] = short
-        labels[arm] = (f"{short}, then {long_steps} steps at {float(lr) / 2:g} on joined 30 s samples with timestamps"
-                       + (f" (clips also at speeds {speeds})" if speeds else ""))
-    else:
-        labels[arm] = short
-rows = ["| model | cache per 30 s utterance (T=100) | float cut | " + " | ".join(f"WER {s}" for s in sets)
-        + " | training minutes |", "|---|---|---|" + "---|" * len(sets) + "---|"]
-records, mha_utterance = [], None
-for arm, label in labels.items():
-    results = {s: json.load(open(os.path.join(out, f"eval-{arm}-{s}", "results.json"))) for s in sets}
-    cache = results["multi_eval"]["cache_bytes_per_token_split"]
-    utterance = cache["cross"] * 1500 + cache["self"] * 100
-    mha_utterance = mha_utterance or utterance  # the first row is MHA's
-    two_stages = f"{arm}-short" in labels  # a final row counts both stages
-    metrics = [os.path.join(out, stage, "all_results.json") for stage in [arm] + two_stages * [f"{arm}-short"]]
-    minutes = (sum(json.load(open(m))["train_runtime"] for m in metrics) / 60
-               if all(os.path.isfile(m) for m in metrics) else None)
-    training = None if arm in ("mha", "init") else "short clips" + two_stages * " + long-form stage"
-    records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting, "training": training,
-                    "cache_per_utterance": utterance,
-                    "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,
-                    **{f"wer_{s}": results[s]["wer"] for s in sets}})
-    rows.append(f"| {label} | {utterance / 2**20:.2f} MiB | {records[-1]['reduction_%']:.1f}% | "
-                + " | ".join(f"{results[s]['wer']:.2f}" for s in sets)
-                + f" | {'' if minutes is None else f'{minutes:.1f}'} |")
-open(os.path.join(out, "results.md"), "w").write("\n".join(rows) + "\n")
-json.dump({"rows": records}, open(os.path.join(out, "results.json"), "w"), indent=2)  # sweep_compression.py --recovered
-print("\n".join(rows))
-PY
+python benchmarks/recovery_report.py --output_dir "$OUT" --steps "$STEPS" --learning_rate "$LR" \
+  --self_rank "$SELF_RANK" --trainable "$TRAINABLE" --allocation "$ALLOCATION" --kept "$KEPT" --long_steps "$LONG_STEPS" \
+  --speeds "$SPEEDS" --output_aware "$OUTPUT_AWARE" --cross_rank "$CROSS_RANK"

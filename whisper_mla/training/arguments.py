@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from whisper_mla.arguments import check_number
+from whisper_mla.training.label_cache import read_label_cache
 from whisper_mla.training.perturb import check_speeds
 
 
@@ -169,10 +170,19 @@ class DistillationArguments:
     pseudo_label_batch_size: int = field(
         default=16, metadata={"help": "Clips per batch when the teacher transcribes (and the encoder runs) up front."}
     )
+    pseudo_label_cache: str | None = field(
+        default=None,
+        metadata={"help": "A JSON file where the teacher's pseudo-labels are kept and reused across runs; created if "
+                  "missing. A clip's labels are found by a hash of its audio, the teacher's weights and generation "
+                  "config, and the decoding settings (prompt, --max_label_length, timestamps, language), so that "
+                  "anything else is labelled afresh. Runs side by side may share one file."},
+    )
 
     def __post_init__(self):
         if self.teacher_model_name_or_path is not None:
             self.teacher_model_name_or_path = os.path.expanduser(self.teacher_model_name_or_path)
+        if self.pseudo_label_cache is not None:
+            self.pseudo_label_cache = os.path.expanduser(self.pseudo_label_cache)
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"--distill_alpha expects a value in [0, 1], but found {self.distill_alpha}.")
         if self.distill_temperature <= 0:
@@ -192,6 +202,11 @@ def validate_arguments(model_args, data_args, distill_args, training_args) -> No
     check_number("--max_label_length", data_args.max_label_length, minimum=2, optional=True,
                  fix="pass room for the prompt tokens and the text, or leave it out for the model's maximum")
     check_number("--pseudo_label_batch_size", distill_args.pseudo_label_batch_size, minimum=1)
+    if distill_args.pseudo_label_cache is not None:
+        if not distill_args.distill:
+            raise ValueError("--pseudo_label_cache expects --distill (the cache keeps the teacher's transcripts), but "
+                             "found none; pass --distill, or drop --pseudo_label_cache.")
+        read_label_cache(distill_args.pseudo_label_cache)  # a damaged file fails now, before any work
     check_number("--concatenate_to_seconds", data_args.concatenate_to_seconds, above=0, maximum=30, optional=True,
                  fix="pass at most 30 (Whisper's window), e.g. 30, or leave it out to train on single utterances")
     check_speeds(data_args.speed_perturbation or [])

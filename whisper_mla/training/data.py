@@ -20,6 +20,7 @@ from whisper_mla.training.concatenate import (
     timestamp_prefix,
     timestamp_token,
 )
+from whisper_mla.training.label_cache import PseudoLabelCache
 from whisper_mla.training.perturb import add_speed_perturbed_copies
 
 
@@ -85,32 +86,55 @@ def pseudo_label_ids(sequence: list[int], prefix: list[int], eos_token_id: int,
 
 @torch.no_grad()
 def precompute_targets(audios, feature_extractor, encoder=None, teacher=None, batch_size=16, prefix=None,
-                       generate_kwargs=None, device="cpu", timestamp_begin=None):
+                       generate_kwargs=None, device="cpu", timestamp_begin=None, cache=None):
     """One pass over the training clips, in batches: the encoder outputs (if `encoder` is given) and the teacher's
     greedy transcripts as label ids (if `teacher` is given). The teacher decodes from the precomputed encoder
     outputs when there are any, so the encoder runs once per clip; except for timestamped transcripts
     (`timestamp_begin` given, see `pseudo_label_ids`), where generate may take a second pass over part of the
     features, which encoder outputs of the whole window cannot serve.
 
-    Returns (encoder outputs: list of (frames, d_model) CPU tensors, or None; pseudo-labels: list of id lists or None).
+    With `cache` (a `PseudoLabelCache`), the teacher transcribes only the clips whose labels the cache lacks, and
+    adds those. They go first, so that they fill whole batches; the cached ones follow only for their encoder outputs.
+
+    Returns (encoder outputs: list of (frames, d_model) CPU tensors, or None; pseudo-labels: list of id lists or
+    None), both in the order of `audios`.
     """
-    states = [] if encoder is not None else None
-    labels = [] if teacher is not None else None
+    generate_kwargs = generate_kwargs or {}
+    states = [None] * len(audios) if encoder is not None else None
+    labels = [None] * len(audios) if teacher is not None else None
+    keys, todo = [], range(len(audios))  # todo: the clips the teacher transcribes
+    if teacher is not None and cache is not None:
+        settings = {"prefix": list(prefix), "generate_kwargs": generate_kwargs, "timestamp_begin": timestamp_begin,
+                    "feature_extractor": feature_extractor.to_dict()}
+        keys = [cache.key(as_waveform(audio), settings) for audio in audios]  # decodes lazily loaded clips once more
+        for index, key in enumerate(keys):
+            labels[index] = cache.entries.get(key)
+        todo = [index for index, ids in enumerate(labels) if ids is None]
+    cached = sorted(set(range(len(audios))) - set(todo))
+    order = list(todo) + (cached if encoder is not None else [])  # the cached clips only for their encoder outputs
     desc = "pseudo-labelling" if teacher is not None else "encoding"
     dtype = next((encoder if encoder is not None else teacher).parameters()).dtype
-    for start in tqdm(range(0, len(audios), batch_size), desc=desc, unit="batch"):
-        batch = [as_waveform(audio) for audio in audios[start : start + batch_size]]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        indices = order[start : start + batch_size]
+        batch = [as_waveform(audios[i]) for i in indices]
         features = feature_extractor(batch, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         features = features.to(device, dtype)  # (B, n_mels, 3000)
         hidden = encoder(features).last_hidden_state if encoder is not None else None  # (B, frames, d_model)
         if states is not None:
-            states += list(hidden.cpu().unbind(0))
-        if teacher is not None:
-            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)} \
-                if hidden is not None and timestamp_begin is None else {"input_features": features}
-            sequences = teacher.generate(**inputs, **(generate_kwargs or {}), num_beams=1, do_sample=False)
-            labels += [pseudo_label_ids(s, prefix, teacher.config.eos_token_id, timestamp_begin)
-                       for s in sequences.tolist()]
+            for index, state in zip(indices, hidden.cpu().unbind(0)):
+                states[index] = state
+        num_new = sum(labels[i] is None for i in indices) if teacher is not None else 0  # they lead the batch
+        if num_new:
+            inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden[:num_new])} \
+                if hidden is not None and timestamp_begin is None else {"input_features": features[:num_new]}
+            sequences = teacher.generate(**inputs, **generate_kwargs, num_beams=1, do_sample=False)
+            for index, sequence in zip(indices, sequences.tolist()):
+                labels[index] = pseudo_label_ids(sequence, prefix, teacher.config.eos_token_id, timestamp_begin)
+    if keys:
+        logger.info("Pseudo-labels: %d of %d reused from %s, %d made by the teacher.", len(cached),
+                    len(audios), cache.path, len(todo))
+        if todo:
+            cache.add({keys[index]: labels[index] for index in todo})
     return states, labels
 
 
@@ -198,10 +222,11 @@ def fits_in_memory(num_clips: int, config, fraction: float = 0.5) -> bool:
 def build_train_dataset(data_args, distill_args, model_args, student, teacher, processor, max_label_length,
                         share_encoder: bool, device, seed: int = 0):
     """Training clips with their targets: tokenised transcripts, or with --distill the teacher's greedy transcripts
-    (made once, batched). When the encoder is shared and frozen, its outputs are computed here once per clip. With
-    --speed_perturbation copies of the clips at other speeds are added first; with --concatenate_to_seconds the clips
-    are then joined into long-form samples (with --concatenate_timestamps, labelled or transcribed with timestamps),
-    and --concatenate_keep_utterances trains on the single utterances too (without timestamps).
+    (made once, batched; with --pseudo_label_cache kept for later runs). When the encoder is shared and frozen, its
+    outputs are computed here once per clip. With --speed_perturbation copies of the clips at other speeds are added
+    first; with --concatenate_to_seconds the clips are then joined into long-form samples (with
+    --concatenate_timestamps, labelled or transcribed with timestamps), and --concatenate_keep_utterances trains on the
+    single utterances too (without timestamps).
 
     Args:
         data_args, distill_args, model_args: the script's arguments (sources, limits, --distill, precomputing).
@@ -250,11 +275,14 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
         logger.warning("Encoder outputs of %d samples would not fit in memory; the encoder runs every step instead.",
                        num_samples)
         precompute = False
+    cache = None
+    if teacher is not None and distill_args.pseudo_label_cache is not None:
+        cache = PseudoLabelCache(distill_args.pseudo_label_cache, teacher)
     audios, labels, states, dropped_labels = [], [], [] if precompute else None, 0
     for group, timestamps in groups:
         group_audios, group_labels, group_states, dropped = make_targets(
             group, timestamps, data_args, distill_args, student, teacher, processor, max_label_length, precompute,
-            device)
+            device, cache)
         audios, labels, dropped_labels = audios + group_audios, labels + group_labels, dropped_labels + dropped
         if precompute:
             states += group_states
@@ -271,9 +299,10 @@ def build_train_dataset(data_args, distill_args, model_args, student, teacher, p
 
 
 def make_targets(examples, timestamps, data_args, distill_args, student, teacher, processor, max_label_length,
-                 precompute, device):
+                 precompute, device, cache=None):
     """The targets of one group of training samples, all with timestamped labels or all without: tokenised
-    transcripts, or with --distill the teacher's greedy transcripts; and the encoder outputs when `precompute`.
+    transcripts, or with --distill the teacher's greedy transcripts (those in `cache`, a `PseudoLabelCache`, reused);
+    and the encoder outputs when `precompute`.
 
     Returns (audios, label ids, encoder outputs or None, number of transcripts dropped as too long).
     """
@@ -295,7 +324,7 @@ def make_targets(examples, timestamps, data_args, distill_args, student, teacher
             audios, processor.feature_extractor, encoder=student.get_encoder() if precompute else None,
             teacher=teacher, batch_size=distill_args.pseudo_label_batch_size, prefix=prefix,
             generate_kwargs=generate_kwargs, device=device,
-            timestamp_begin=timestamp_token(tokenizer, 0.0) if timestamps else None,
+            timestamp_begin=timestamp_token(tokenizer, 0.0) if timestamps else None, cache=cache,
         )
         if pseudo_labels is not None:
             labels = pseudo_labels

@@ -1,0 +1,43 @@
+"""benchmarks/recovery_report.py: the recovery run's table from the eval folders, "-" for arms that were not scored."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def write_eval(root, arm, name, wer, cross_bytes, self_bytes):
+    folder = root / f"eval-{arm}-{name}"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(
+        {"wer": wer, "cache_bytes_per_token_split": {"cross": cross_bytes, "self": self_bytes}}))
+
+
+def run_report(root):
+    return subprocess.run([sys.executable, "benchmarks/recovery_report.py", "--output_dir", str(root),
+                           "--steps", "300", "--self_rank", "120"], capture_output=True, text=True)
+
+
+def test_report_rows_cut_and_unscored_arms(tmp_path):
+    for name, wer in (("multi_eval", 9.52), ("multi_eval_long", 9.38), ("real_eval", 1.77)):
+        write_eval(tmp_path, "mha", name, wer, cross_bytes=1000, self_bytes=1000)
+    write_eval(tmp_path, "init", "multi_eval", 40.0, cross_bytes=100, self_bytes=50)
+    result = run_report(tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["arm"] for row in rows] == ["mha", "init"]  # the unscored arms have no record
+    # MHA 1000*1500 + 1000*100 bytes per utterance; init 100*1500 + 50*100: a 90.3% cut
+    assert rows[1]["reduction_%"] == pytest.approx(round(100 * (1 - 155000 / 1600000), 1))
+    assert rows[1]["wer_multi_eval"] == 40.0 and "wer_real_eval" not in rows[1]
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4  # header, rule, mha, init, mla-svd, mla-random
+    assert "| 9.52 | 9.38 | 1.77 |" in table[2]
+    assert "| 40.00 | - | - |" in table[3]
+    assert table[4].endswith("| - | - | - | - | - | - |") and "300 steps" in table[4]
+
+
+def test_report_without_mha_says_how_to_fix(tmp_path):
+    result = run_report(tmp_path)
+    assert result.returncode != 0
+    assert "eval-mha-" in result.stderr and "recovery_tiny_en_93.sh" in result.stderr
