@@ -115,3 +115,15 @@ def real_speech():
         pytest.skip(f"{ASTERISK_SOUNDS_DIR} is missing: apt-get install asterisk-core-sounds-en "
                     "asterisk-core-sounds-en-g722")
     return {name: str(path) for name, path in ensure_real_speech().items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared 2-core
+    machine, OpenMP's spinning threads make small ops 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

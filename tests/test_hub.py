@@ -17,8 +17,11 @@ from hub_stand_in import DEFAULT_GITATTRIBUTES, hub_stand_in  # noqa: F401 (hub_
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 import run_finetune
 from test_remote_code import run_fresh
-from test_run_finetune import fast_args, one_thread, sources  # noqa: F401 (one_thread, sources: fixtures)
+from test_run_finetune import fast_args, sources  # noqa: F401 (sources: a fixture)
 from whisper_mla.hub import REMOTE_CODE_FILES, push_checkpoint
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 # What a pushed Whisper-MLA checkpoint holds: weights, configs, the code that loads it, its card, the processor.

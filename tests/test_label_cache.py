@@ -18,12 +18,7 @@ from whisper_mla.training.data import build_train_dataset, precompute_targets
 from whisper_mla.training.label_cache import PseudoLabelCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

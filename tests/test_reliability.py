@@ -41,7 +41,10 @@ from whisper_mla.training.trainable import restore_lora_adapter, set_trainable
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 
 
-from test_run_finetune import MLA_FLAGS, TEXTS, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_run_finetune import MLA_FLAGS, TEXTS
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 # --------------------------------------------------------------------------------------------- helpers
