@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import fnmatch
 import glob
+import json
 import logging
 import os
 import re
@@ -216,6 +217,25 @@ def atomic_checkpoint_files(output_dir: str) -> Iterator[str]:
             os.replace(os.path.join(tmp, COMMIT_FILE), os.path.join(target, COMMIT_FILE))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, content, **dump_kwargs) -> None:
+    """Writes `content` as JSON (`json.dump` with `dump_kwargs`) to a temporary file beside `path`, synced, and swaps
+    it in with `os.replace`: a reader (or a run killed mid-write) sees the old file or the new one, never a part.
+    Creates the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(content, f, **dump_kwargs)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def remove_dir(path: str) -> None:

