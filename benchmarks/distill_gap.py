@@ -9,18 +9,17 @@ a table.
         --data outputs/e1/train.json ~/.cache/whisper_mla/speech/multi_eval.json --output_file outputs/gap.json
 """
 
-import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import HfArgumentParser
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from whisper_mla.audio import SAMPLING_RATE, load_speech_dataset
+from whisper_mla.io import write_json_atomic
 from whisper_mla.training.data import precompute_targets
+from whisper_mla.training.distillation import token_kl
 from whisper_mla.training.models import load_processor, load_whisper
 
 
@@ -36,7 +35,7 @@ class GapArguments:
 
 
 @torch.no_grad()
-def token_kl(student, teacher, features: torch.Tensor, labels: list[list[int]]) -> list[torch.Tensor]:
+def clip_kl(student, teacher, features: torch.Tensor, labels: list[list[int]]) -> list[torch.Tensor]:
     """Per clip, the KL(teacher || student) of every label position: a list of (T_i,) tensors.
 
     `labels` hold `<|startoftranscript|> ... <|endoftext|>`, as `precompute_targets` returns them; the decoder reads
@@ -46,10 +45,10 @@ def token_kl(student, teacher, features: torch.Tensor, labels: list[list[int]]) 
     padded = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100)  # (B, T)
     config = teacher.config
     decoder_input_ids = shift_tokens_right(padded, config.pad_token_id, config.decoder_start_token_id)
-    teacher_log_probs = F.log_softmax(teacher(features, decoder_input_ids=decoder_input_ids).logits.float(), -1)
-    student_log_probs = F.log_softmax(student(features, decoder_input_ids=decoder_input_ids).logits.float(), -1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)  # (B, T)
-    return [row[: len(t)] for row, t in zip(kl, targets)]
+    mask = padded.ne(-100)
+    kl = token_kl(student(features, decoder_input_ids=decoder_input_ids).logits[mask],
+                  teacher(features, decoder_input_ids=decoder_input_ids).logits[mask])  # (sum of T_i,), row by row
+    return list(kl.split([len(t) for t in targets]))
 
 
 def set_gap(student, teacher, processor, data: str, args: GapArguments) -> dict:
@@ -64,7 +63,7 @@ def set_gap(student, teacher, processor, data: str, args: GapArguments) -> dict:
         batch = slice(start, start + args.batch_size)
         features = processor.feature_extractor(audios[batch], sampling_rate=SAMPLING_RATE,
                                                return_tensors="pt").input_features  # (B, n_mels, 3000)
-        for example, kl in zip(examples[batch], token_kl(student, teacher, features, labels[batch])):
+        for example, kl in zip(examples[batch], clip_kl(student, teacher, features, labels[batch])):
             per_speaker[example["speaker"] or "-"].append(kl)
     tokens = {speaker: torch.cat(kls) for speaker, kls in per_speaker.items()}
     every = torch.cat(list(tokens.values()))
@@ -81,9 +80,7 @@ def main() -> None:
     processor = load_processor(args.teacher_model_name_or_path)
     results = {"model": args.model_name_or_path, "teacher": args.teacher_model_name_or_path,
                "sets": [set_gap(student, teacher, processor, data, args) for data in args.data]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-    with open(args.output_file, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(args.output_file, results, indent=2)
     print("| set | clips | tokens | KL(teacher || student) per token | speakers (KL) |\n|---|---|---|---|---|")
     for r in results["sets"]:
         speakers = ", ".join(f"{s} {v['kl']:.3f}" for s, v in r["speakers"].items())

@@ -26,6 +26,7 @@ import soxr
 from transformers import HfArgumentParser
 
 from whisper_mla.audio import SAMPLING_RATE, load_audio
+from whisper_mla.io import write_json_atomic
 from whisper_mla.speech_data import (ensure_speech_data, is_eval_prompt, python_doc_sentences, read_asterisk_prompts,
                                      synthetic_text_pool)
 
@@ -142,8 +143,7 @@ def main() -> None:
     train = diverse + mixed[: args.num_mixed]
     random.Random(args.seed + 1).shuffle(train)
     for name, entries in (("diverse", diverse), ("train", train), ("probe", probe)):
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
-            json.dump({"annotation": entries}, f)
+        write_json_atomic(os.path.join(out, f"{name}.json"), {"annotation": entries})
     print(f"{len(espeak)} espeak-ng clips, {len(augmented)} augmented, {len(train)} in train.json, {len(probe)} probe")
 
 

@@ -6,7 +6,7 @@
     whisper_mla.training.controls      the paired controls (--mha_baseline, --mla_from_scratch); saving either model
     whisper_mla.training.data          clips, labels or pseudo-labels, precomputed encoder outputs, dataset, collator
     whisper_mla.training.concatenate   long-form samples (--concatenate_to_seconds), timestamped labels
-    whisper_mla.training.distillation  distillation_loss and DistillationTrainer
+    whisper_mla.training.distillation  token_kl, distillation_loss and DistillationTrainer
     whisper_mla.training.callbacks     Whisper-MLA checkpoint-N folders, --max_train_minutes, eval WER
     whisper_mla.training.checkpoints   the output folder and the resume point, checked before any work
 """

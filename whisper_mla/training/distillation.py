@@ -10,6 +10,20 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from whisper_mla.training.trainable import restore_lora_adapter
 
 
+def token_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the token distributions at softmax temperature T, summed over the vocabulary.
+
+    Args:
+        student_logits, teacher_logits: (N, V), one row per position.
+
+    Returns:
+        (N,): one KL per position (float32).
+    """
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+
+
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(teacher || student) of the token distributions, summed over the vocabulary and averaged over the
     label positions (labels != -100).
@@ -23,10 +37,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
         a scalar tensor.
     """
     mask = labels.ne(-100)
-    student_log_probs = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)  # (N, V)
-    teacher_log_probs = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    return token_kl(student_logits[mask], teacher_logits[mask], temperature).mean() * temperature**2
 
 
 class DistillationTrainer(Seq2SeqTrainer):
