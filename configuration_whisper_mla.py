@@ -10,6 +10,7 @@ SVD_METHODS = ("joint", "split")
 MLA_ATTN_IMPLEMENTATIONS = ("absorb", "naive")
 MLA_CACHE_QUANTIZATIONS = (None, "int8")
 CROSS_ATTENTION_LATENTS = ("per_layer", "shared")
+CROSS_LATENT_POOLINGS = ("mean", "subsample")
 # Uncompressed key dims per head of a latent narrower than d_model (a full-width latent holds every key dim already).
 KEPT_KEY_DIMS_BELOW_FULL_RANK = 4
 
@@ -68,6 +69,13 @@ class WhisperMLAConfig(WhisperConfig):
         cross_kv_lora_rank (`int`, *optional*):
             Width of the shared cross-attention latent. None means `d_model`: the latent is the encoder output itself
             (no down-projection, exact). Below `d_model` the decoder holds one down-projection `cross_kv_a_proj`.
+        cross_latent_stride (`int`, defaults to 1):
+            With the shared cross latent: cache one latent per `cross_latent_stride` encoder frames (1500 frames of a
+            30 s window become ceil(1500 / stride)), pooled as `cross_latent_pooling` says, so the cross cache
+            shrinks by that factor at any width. The encoder still sees every frame; 1 keeps them all (exact).
+        cross_latent_pooling (`str`, defaults to `"mean"`):
+            How `cross_latent_stride` frames become one: "mean" (their average) or "subsample" (the first of each
+            group).
         kv_lora_ranks (`dict[str, int]`, *optional*):
             Per-block latent widths that override `kv_lora_rank` (e.g. {"decoder.layers.3.self_attn": 128}), for
             blocks with a latent of their own; the converter writes them with `--kv_lora_rank_allocation spectrum`.
@@ -92,6 +100,8 @@ class WhisperMLAConfig(WhisperConfig):
     mla_cache_quantization: str | None = None
     cross_attention_latent: str = "shared"
     cross_kv_lora_rank: int | None = None
+    cross_latent_stride: int = 1
+    cross_latent_pooling: str = "mean"
     kv_lora_ranks: dict | None = None
     share_cross_latent_across_beams: bool = True
     kept_key_indices: dict | None = None
@@ -207,6 +217,7 @@ class WhisperMLAConfig(WhisperConfig):
                     f"`cross_kv_lora_rank` expects an int in [1, d_model={self.d_model}] ({self.d_model} or None is "
                     f"exact), but found {self.cross_kv_lora_rank!r}; pick a width in that range."
                 )
+        self._validate_cross_latent_stride()
         only_shared_cross = self.shares_cross_latent_across_layers() and "decoder_self" not in self.mla_targets
         for kind, heads in (("encoder", self.encoder_attention_heads), ("decoder", self.decoder_attention_heads)):
             if not any(t.startswith(kind) for t in self.mla_targets) or (kind == "decoder" and only_shared_cross):
@@ -219,6 +230,30 @@ class WhisperMLAConfig(WhisperConfig):
                 )
             self._check_rank("kv_lora_rank", self.kv_lora_rank, heads)
         self._validate_kv_lora_ranks()
+
+    def _validate_cross_latent_stride(self):
+        if self.cross_latent_pooling not in CROSS_LATENT_POOLINGS:
+            raise ValueError(
+                f"`cross_latent_pooling` expects one of {list(CROSS_LATENT_POOLINGS)}, but found "
+                f"{self.cross_latent_pooling!r}; pick one of those."
+            )
+        stride = self.cross_latent_stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= self.max_source_positions:
+            raise ValueError(
+                f"`cross_latent_stride` expects an int in [1, max_source_positions={self.max_source_positions}] (1 "
+                f"caches every encoder frame), but found {stride!r}; pass e.g. 2."
+            )
+        if stride > 1 and not self.shares_cross_latent_across_layers():
+            raise ValueError(
+                f"`cross_latent_stride` pools the shared cross-attention latent, but found cross_latent_stride="
+                f"{stride} with cross_attention_latent={self.cross_attention_latent!r} and mla_targets="
+                f"{self.mla_targets}; use cross_attention_latent='shared' with 'decoder_cross' in mla_targets, or "
+                "stride 1."
+            )
+
+    def cross_latent_frames(self, frames: int) -> int:
+        """Cross-attention cache entries for `frames` encoder frames: one per `cross_latent_stride` frames."""
+        return -(-frames // self.cross_latent_stride)
 
     def _check_rank(self, what: str, rank, heads: int):
         """Refuses a latent width that the SVD of a block with `heads` heads cannot have."""

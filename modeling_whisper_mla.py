@@ -273,9 +273,19 @@ def replace_attention_with_mla(model: WhisperModel, config: WhisperMLAConfig) ->
         setattr(parent, attr, mla)
 
 
+def pool_frames(states: torch.Tensor, stride: int, pooling: str) -> torch.Tensor:
+    """One frame per `stride` frames of (B, S, D) `states`: their mean ("mean"; a last, shorter group is averaged over
+    the frames it has) or the first of each group ("subsample"). Returns (B, ceil(S / stride), D)."""
+    if pooling == "subsample":
+        return states[:, ::stride]
+    pooled = nn.functional.avg_pool1d(states.transpose(1, 2), stride, stride, ceil_mode=True)  # (B, D, S')
+    return pooled.transpose(1, 2)
+
+
 class WhisperMLADecoder(WhisperDecoder):
-    """Whisper's decoder; with a shared cross-attention latent narrower than d_model it projects the encoder output
-    down once (`cross_kv_a_proj`) before the layers read it, and not at all once the latent is cached."""
+    """Whisper's decoder; with a shared cross-attention latent it pools the encoder output over time
+    (`cross_latent_stride`, if above 1) and, narrower than d_model, projects it down (`cross_kv_a_proj`) once before
+    the layers read it, and not at all once the latent is cached."""
 
     def __init__(self, config: WhisperMLAConfig):
         super().__init__(config)
@@ -286,8 +296,13 @@ class WhisperMLADecoder(WhisperDecoder):
 
     def forward(self, *args, encoder_hidden_states=None, cache=None, **kwargs):
         cross_cached = isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0)
-        if self.cross_kv_a_proj is not None and encoder_hidden_states is not None and not cross_cached:
-            encoder_hidden_states = self.cross_kv_a_proj(encoder_hidden_states)  # (B, S, d_model) -> (B, S, r)
+        if encoder_hidden_states is not None and not cross_cached:
+            if self.config.cross_latent_stride > 1:
+                encoder_hidden_states = pool_frames(
+                    encoder_hidden_states, self.config.cross_latent_stride, self.config.cross_latent_pooling
+                )  # (B, S, d_model) -> (B, ceil(S / stride), d_model)
+            if self.cross_kv_a_proj is not None:
+                encoder_hidden_states = self.cross_kv_a_proj(encoder_hidden_states)  # (B, S', d_model) -> (B, S', r)
         return super().forward(*args, encoder_hidden_states=encoder_hidden_states, cache=cache, **kwargs)
 
 
@@ -335,6 +350,21 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
             self.config.mla_attn_implementation, self.config.mla_cache_quantization = previous
             raise
         return self
+
+    def _extract_token_timestamps(self, generate_outputs, alignment_heads, time_precision=0.02, num_frames=None,
+                                  num_input_ids=None):
+        """As Whisper's, for a cross latent pooled over time: each column of the cross-attention weights then spans
+        `cross_latent_stride` encoder frames, so a column is `stride` times Whisper's time step, and `num_frames` (mel
+        frames, two per encoder frame) is mapped to the pooled columns it covers."""
+        stride = self.config.cross_latent_stride
+        if stride > 1:
+            time_precision = time_precision * stride
+            if num_frames is not None:  # Whisper keeps num_frames // 2 columns: 2 * ceil(encoder frames / stride)
+                pooled = lambda n: 2 * (-(-(n // 2) // stride))  # noqa: E731
+                num_frames = pooled(num_frames) if isinstance(num_frames, (int, torch.Tensor)) else [
+                    pooled(int(n)) for n in num_frames]
+        return super()._extract_token_timestamps(generate_outputs, alignment_heads, time_precision=time_precision,
+                                                 num_frames=num_frames, num_input_ids=num_input_ids)
 
     def shares_cross_latent_across_beams(self) -> bool:
         """Whether beam search caches one cross-attention latent per utterance (every cross block converted)."""
@@ -399,7 +429,15 @@ def expected_cache_bytes_per_utterance(config, dtype: torch.dtype, tokens: int =
     """Decoder cache bytes of one utterance (batch 1, greedy): cross-attention over the encoder's frames (30 s) plus
     self-attention over `tokens` decoder tokens, summed over layers."""
     per_token = expected_cache_bytes_per_token(config, dtype, mha=mha)
-    return per_token["cross"] * config.max_source_positions + per_token["self"] * tokens
+    return per_token["cross"] * cross_cache_frames(config, config.max_source_positions, mha) + per_token["self"] * tokens
+
+
+def cross_cache_frames(config, frames: int, mha: bool = False) -> int:
+    """Cross-attention cache entries for `frames` encoder frames: fewer with a pooled shared latent
+    (`cross_latent_stride`), all of them for MHA."""
+    is_mla = getattr(config, "model_type", None) == "whisper_mla"
+    stride = getattr(config, "cross_latent_stride", 1) if is_mla and not mha else 1  # older checkpoints: no stride
+    return -(-frames // stride)
 
 
 def cache_nbytes(cache: EncoderDecoderCache) -> dict[str, int]:
@@ -425,6 +463,7 @@ __all__ = [
     "WhisperMLAModel",
     "WhisperMLAForConditionalGeneration",
     "cache_nbytes",
+    "cross_cache_frames",
     "expected_cache_bytes_per_token",
     "expected_cache_bytes_per_utterance",
 ]

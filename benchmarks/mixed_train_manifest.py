@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from whisper_mla.io import write_json_atomic
 from whisper_mla.speech_data import ensure_speech_data
 
 
@@ -20,8 +21,7 @@ def main(output: str) -> None:
         with open(manifests[name]) as f:
             sets.append([dict(e, path=os.path.join(folder, e["path"])) for e in json.load(f)["annotation"]])
     mixed = [entry for pair in itertools.zip_longest(*sets) for entry in pair if entry]
-    with open(output, "w") as f:
-        json.dump({"annotation": mixed}, f)
+    write_json_atomic(output, {"annotation": mixed})  # creates the folder
 
 
 if __name__ == "__main__":

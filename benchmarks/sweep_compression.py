@@ -68,14 +68,19 @@ class SweepArguments:
 def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
     """Converter keyword arguments of a setting such as "self=192,cross=shared:256"; None for MHA itself."""
     parts = dict(part.split("=", 1) for part in spec.split(","))
-    if not {"self", "cross"} <= set(parts) <= {"self", "cross", "alloc", "oa"}:
-        raise ValueError(f"A setting expects self=...,cross=...[,alloc=spectrum][,oa=KIND+KIND], but found {spec!r}; "
-                         "e.g. self=192,cross=shared.")
+    if not {"self", "cross"} <= set(parts) <= {"self", "cross", "alloc", "oa", "stride", "pool"}:
+        raise ValueError(f"A setting expects self=...,cross=...[,alloc=spectrum][,oa=KIND+KIND][,stride=N]"
+                         f"[,pool=subsample], but found {spec!r}; e.g. self=192,cross=shared or "
+                         "self=mha,cross=shared:252,stride=2.")
     targets, kwargs = [], {"kept_key_dims": kept_key_dims, "kv_lora_rank": 1}
     if "alloc" in parts:
         kwargs["kv_lora_rank_allocation"] = parts["alloc"]
     if "oa" in parts:
         kwargs["output_aware"] = parts["oa"].split("+")
+    if "stride" in parts:
+        kwargs["cross_latent_stride"] = int(parts["stride"])
+    if "pool" in parts:
+        kwargs["cross_latent_pooling"] = parts["pool"]
     if parts["self"] != "mha":
         targets.append("decoder_self")
         kwargs["kv_lora_rank"] = int(parts["self"])
@@ -176,7 +181,10 @@ def read_recovery(path: str, eval_sets: list[str]) -> tuple[dict, dict]:
 
 def cross_layout(spec: str) -> str:
     """The series a setting belongs to: its cross-attention layout."""
-    cross = dict(part.split("=", 1) for part in spec.split(","))["cross"].partition(":")[0]
+    parts = dict(part.split("=", 1) for part in spec.split(","))
+    cross = parts["cross"].partition(":")[0]
+    if int(parts.get("stride", 1)) > 1:
+        return f"shared cross latent, one per {parts['stride']} frames"
     return {"shared": "shared cross latent", "per_layer": "per-layer cross latents", "mha": "cross-attention MHA"}[cross]
 
 

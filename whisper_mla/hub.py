@@ -129,6 +129,10 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
         cross = (f"Cross-attention reads ONE latent of {width} values per encoder frame, cached once for all "
                  f"{config.decoder_layers} decoder layers" + (" (the encoder output itself: exact)."
                                                                if width == config.d_model else "."))
+        if config.cross_latent_stride > 1:
+            cross += (f" It holds one latent per {config.cross_latent_stride} encoder frames "
+                      f"({config.cross_latent_pooling}), {config.cross_latent_frames(config.max_source_positions)} for "
+                      "a 30 s window.")
     else:
         cross = "Each converted cross-attention block caches its own latent."
     widths = (f"one latent of {config.kv_lora_rank} values per token" if not config.kv_lora_ranks else

@@ -21,7 +21,7 @@ from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from whisper_mla.audio import SAMPLING_RATE
-from modeling_whisper_mla import cache_nbytes, expected_cache_bytes_per_token
+from modeling_whisper_mla import cache_nbytes, cross_cache_frames, expected_cache_bytes_per_token
 from pipeline_whisper_mla import WhisperMLAPipeline
 from whisper_mla.metrics import ENGLISH, compute_wer, normalize_english
 from whisper_mla.io import checkpoint_config, from_pretrained_strict
@@ -294,15 +294,16 @@ def cache_statistics(model) -> dict:
     config = model.config
     per_token = expected_cache_bytes_per_token(config, model.dtype)
     frames, tokens = config.max_source_positions, config.max_target_positions
+    cached_frames = cross_cache_frames(config, frames)
     dtype = str(model.dtype).removeprefix("torch.")
     return {
         "cache_dtype": dtype,
         "cache_bytes_per_token": per_token["self"] + per_token["cross"],
         "cache_bytes_per_token_split": per_token,
-        "cache_bytes_per_30s_utterance": per_token["cross"] * frames + per_token["self"] * tokens,
+        "cache_bytes_per_30s_utterance": per_token["cross"] * cached_frames + per_token["self"] * tokens,
         "cache_bytes_per_30s_utterance_definition": (
             f"decoder cache of one utterance (batch 1, greedy) in {dtype}, summed over layers: cross-attention for "
-            f"{frames} encoder frames (30 s) + self-attention for {tokens} decoder tokens (max_target_positions)"
+            f"{frames} encoder frames (30 s; {cached_frames} cached) + self-attention for {tokens} decoder tokens (max_target_positions)"
         ),
     }
 

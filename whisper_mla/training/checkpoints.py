@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 RESUME_LATEST = ("latest", "last", "true")
 RESUME_MUST_MATCH = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
                      "decoder_attention_heads", "vocab_size", "mla_targets", "kv_lora_rank", "kept_key_dims",
-                     "svd_method", "kept_key_indices", "cross_attention_latent", "cross_kv_lora_rank", "kv_lora_ranks")
+                     "svd_method", "kept_key_indices", "cross_attention_latent", "cross_kv_lora_rank", "kv_lora_ranks",
+                     "cross_latent_stride", "cross_latent_pooling")
 
 
 def is_complete_checkpoint(folder: str) -> bool:
