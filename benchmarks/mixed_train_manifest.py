@@ -4,10 +4,10 @@ the calibration and training audio of the recovery scripts.
     python benchmarks/mixed_train_manifest.py OUTPUT.json
 """
 
+import argparse
 import itertools
 import json
 import os
-import sys
 
 from whisper_mla.io import write_json_atomic
 from whisper_mla.speech_data import ensure_speech_data
@@ -25,4 +25,6 @@ def main(output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="the manifest to write, e.g. outputs/train_mixed.json")
+    main(parser.parse_args().output)
