@@ -137,3 +137,12 @@ def test_token_timestamps_span_the_pooled_frames(sharp_mha, num_beams):
     assert torch.equal(outs[0]["sequences"], outs[1]["sequences"])
     assert outs[1]["token_timestamps"].max() > 0  # something to scale
     torch.testing.assert_close(outs[0]["token_timestamps"], 2 * outs[1]["token_timestamps"], atol=1e-6, rtol=0)
+
+
+def test_model_card_names_the_stride(tiny_mha):
+    from whisper_mla.hub import model_card
+
+    card = str(model_card(convert_whisper_to_mla(tiny_mha, cross_latent_stride=2, cross_latent_pooling="subsample")))
+    assert "one latent per 2 encoder frames (subsample), 750 for a 30 s window" in card
+    assert "exact" not in card.split("Cross-attention reads", 1)[1].split("\n")[0]
+    assert "(the encoder output itself: exact)" in str(model_card(convert_whisper_to_mla(tiny_mha)))

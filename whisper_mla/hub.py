@@ -127,8 +127,9 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
     if config.shares_cross_latent_across_layers():
         width = config.shared_cross_rank()
         cross = (f"Cross-attention reads ONE latent of {width} values per encoder frame, cached once for all "
-                 f"{config.decoder_layers} decoder layers" + (" (the encoder output itself: exact)."
-                                                               if width == config.d_model else "."))
+                 f"{config.decoder_layers} decoder layers" + (
+                     "." if width < config.d_model else " (the encoder output itself, pooled over time)."
+                     if config.cross_latent_stride > 1 else " (the encoder output itself: exact)."))
         if config.cross_latent_stride > 1:
             cross += (f" It holds one latent per {config.cross_latent_stride} encoder frames "
                       f"({config.cross_latent_pooling}), {config.cross_latent_frames(config.max_source_positions)} for "
