@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from whisper_mla.io import write_json_atomic
+
 
 EVAL_SETS = ("multi_eval", "multi_eval_long", "real_eval")
 
@@ -31,6 +33,7 @@ class ReportArguments:
     speeds: str = field(default="", metadata={"help": "Speed perturbation of the long-form stage, e.g. '0.9 1.1'."})
     output_aware: str = field(default="", metadata={"help": "Output-aware kinds, e.g. 'decoder_self'."})
     cross_rank: int = field(default=192)
+    cross_stride: int = field(default=1, metadata={"help": "Encoder frames per cached frame of the shared cross latent."})
     extra_voices: bool = field(default=False, metadata={"help": "Whether training also had the extra voices."})
 
 
@@ -38,6 +41,7 @@ def arm_labels(args: ReportArguments) -> dict[str, str]:
     """Row label of each arm, in table order: MHA, the SVD init, then each arm's stages."""
     mla = (f"MLA self {args.self_rank} + {args.kept} kept key dims/head"
            + (" (spectrum allocation)" if args.allocation == "spectrum" else "") + f" + shared cross {args.cross_rank}"
+           + (f" over every {args.cross_stride} frames (mean)" if args.cross_stride > 1 else "")
            + (f", output-aware {' '.join(args.output_aware.split())}" if args.output_aware.strip() else ""))
     labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training"}
     data = " (+ extra voices)" if args.extra_voices else ""
@@ -74,7 +78,8 @@ def train_minutes(output_dir: str, stages: list[str]) -> float | None:
 def main():
     (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses()
     labels = arm_labels(args)
-    setting = f"self={args.self_rank}+{args.kept},cross=shared:{args.cross_rank}"
+    setting = (f"self={args.self_rank}+{args.kept},cross=shared:{args.cross_rank}"
+               + (f",stride={args.cross_stride}" if args.cross_stride > 1 else ""))
     rows = ["| model | cache per 30 s utterance (T=100) | float cut | " + " | ".join(f"WER {s}" for s in EVAL_SETS)
             + " | training minutes |", "|---|---|---|" + "---|" * len(EVAL_SETS) + "---|"]
     records, mha_utterance = [], None
@@ -86,8 +91,10 @@ def main():
         if not results:
             rows.append(f"| {label} | - | - | " + " | ".join("-" for _ in EVAL_SETS) + " | - |")
             continue
-        cache = next(iter(results.values()))["cache_bytes_per_token_split"]
-        utterance = cache["cross"] * 1500 + cache["self"] * 100
+        result = next(iter(results.values()))
+        cache = result["cache_bytes_per_token_split"]
+        frames = result.get("cross_cache_frames_per_30s", 1500)  # fewer with a pooled shared cross latent
+        utterance = cache["cross"] * frames + cache["self"] * 100
         mha_utterance = mha_utterance or utterance  # the first row is MHA's
         two_stages = f"{arm}-short" in labels  # a final row counts both stages
         minutes = None if arm in ("mha", "init") else train_minutes(args.output_dir, [arm] + two_stages * [f"{arm}-short"])
@@ -101,8 +108,7 @@ def main():
                     + f" | {'' if minutes is None else f'{minutes:.1f}'} |")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"rows": records}, f, indent=2)
+    write_json_atomic(os.path.join(args.output_dir, "results.json"), {"rows": records}, indent=2)
     print("\n".join(rows))
 
 

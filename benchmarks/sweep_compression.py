@@ -6,7 +6,9 @@
 A setting names the self-attention latent (`self=R` or `self=mha`: not converted) and the cross-attention latent
 (`cross=per_layer:R`, `cross=shared` (width d_model: exact), `cross=shared:R`, or `cross=mha`), and optionally how
 the self-attention widths are shared out (`alloc=spectrum`: the same total, by each block's spectrum) and which kinds
-of blocks are fitted output-aware (`oa=decoder_self`, `oa=decoder_self+decoder_cross`: `--output_aware`); every converted block
+of blocks are fitted output-aware (`oa=decoder_self`, `oa=decoder_self+decoder_cross`: `--output_aware`), and how
+many encoder frames one cached frame of a shared cross latent pools (`stride=N`, the mean; `pool=subsample` keeps every
+N-th: `--cross_latent_stride`, `--cross_latent_pooling`; such settings plot as their own series); every converted block
 keeps `--kept_key_dims` key dims per head (a shared cross latent keeps none). The packaged real Whisper (tiny.en or
 base, imported from PyPI) is converted at each setting, calibrated on `--calibration` (never evaluated), and scored on
 each `--eval_sets` manifest: `multi_eval` (several real speakers calibration never heard) first, `real_eval` (the
@@ -29,6 +31,7 @@ from whisper_mla.conversion import (
     convert_whisper_to_mla,
     load_calibration_audio,
 )
+from whisper_mla.io import write_json_atomic
 from whisper_mla.packaged_models import ensure_packaged_model
 from whisper_mla.speech_data import ensure_speech_data
 from modeling_whisper_mla import expected_cache_bytes_per_utterance
@@ -141,9 +144,9 @@ def main():
                                                 desc=f"{spec} on {name}")["wer"]
         rows.append(row)
         print(row, flush=True)
-        with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:  # after every setting: stoppable
-            json.dump({"model": args.model, "calibration": args.calibration, "tokens": args.tokens, "rows": rows},
-                      f, indent=2)
+        write_json_atomic(os.path.join(args.output_dir, "sweep.json"),  # after every setting: stoppable
+                          {"model": args.model, "calibration": args.calibration, "tokens": args.tokens, "rows": rows},
+                          indent=2)
     write_report(rows, args)
 
 

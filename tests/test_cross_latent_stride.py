@@ -97,6 +97,7 @@ def test_cache_holds_one_latent_per_stride_frames(tiny_mha, noise_audio, tiny_pr
     assert stats["cache_bytes_per_30s_utterance"] == expected_cache_bytes_per_utterance(
         mla.config, torch.float32, tokens=mla.config.max_target_positions)
     assert "500 cached" in stats["cache_bytes_per_30s_utterance_definition"]
+    assert stats["cross_cache_frames_per_30s"] == 500
 
 
 def test_saved_and_loaded_with_its_stride(tiny_mha, tmp_path):

@@ -7,16 +7,16 @@ import sys
 import pytest
 
 
-def write_eval(root, arm, name, wer, cross_bytes, self_bytes):
+def write_eval(root, arm, name, wer, cross_bytes, self_bytes, **extra):
     folder = root / f"eval-{arm}-{name}"
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(
-        {"wer": wer, "cache_bytes_per_token_split": {"cross": cross_bytes, "self": self_bytes}}))
+        {"wer": wer, "cache_bytes_per_token_split": {"cross": cross_bytes, "self": self_bytes}, **extra}))
 
 
-def run_report(root):
+def run_report(root, *args):
     return subprocess.run([sys.executable, "benchmarks/recovery_report.py", "--output_dir", str(root),
-                           "--steps", "300", "--self_rank", "120"], capture_output=True, text=True)
+                           "--steps", "300", "--self_rank", "120", *args], capture_output=True, text=True)
 
 
 def test_report_rows_cut_and_unscored_arms(tmp_path):
@@ -41,3 +41,16 @@ def test_report_without_mha_says_how_to_fix(tmp_path):
     result = run_report(tmp_path)
     assert result.returncode != 0
     assert "eval-mha-" in result.stderr and "recovery_tiny_en_93.sh" in result.stderr
+
+
+def test_report_counts_the_cached_frames_of_a_pooled_cross_latent(tmp_path):
+    """run_eval.py's `cross_cache_frames_per_30s` (500 for a stride of 3), not the encoder's 1500 frames."""
+    for name in ("multi_eval", "multi_eval_long", "real_eval"):
+        write_eval(tmp_path, "mha", name, 9.5, cross_bytes=1000, self_bytes=1000, cross_cache_frames_per_30s=1500)
+    write_eval(tmp_path, "init", "multi_eval", 9.3, cross_bytes=100, self_bytes=50, cross_cache_frames_per_30s=500)
+    result = run_report(tmp_path, "--cross_rank", "384", "--cross_stride", "3")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[1]["cache_per_utterance"] == 100 * 500 + 50 * 100
+    assert rows[1]["setting"] == "self=120+0,cross=shared:384,stride=3"
+    assert "over every 3 frames" in rows[1]["label"]

@@ -288,8 +288,9 @@ def cache_statistics(model) -> dict:
     """Analytic decoder cache size of a loaded model, in its dtype.
 
     Returns:
-        dict with `cache_bytes_per_token` (self + cross, summed over decoder layers), its `cache_bytes_per_token_split`,
-        `cache_bytes_per_30s_utterance` and the definition of the latter.
+        dict with `cache_bytes_per_token` (self + cross, summed over decoder layers; a cross "token" is one cached
+        frame), its `cache_bytes_per_token_split`, `cross_cache_frames_per_30s` (fewer than the encoder's frames with
+        a pooled shared cross latent), `cache_bytes_per_30s_utterance` and the definition of the latter.
     """
     config = model.config
     per_token = expected_cache_bytes_per_token(config, model.dtype)
@@ -300,6 +301,7 @@ def cache_statistics(model) -> dict:
         "cache_dtype": dtype,
         "cache_bytes_per_token": per_token["self"] + per_token["cross"],
         "cache_bytes_per_token_split": per_token,
+        "cross_cache_frames_per_30s": cached_frames,
         "cache_bytes_per_30s_utterance": per_token["cross"] * cached_frames + per_token["self"] * tokens,
         "cache_bytes_per_30s_utterance_definition": (
             f"decoder cache of one utterance (batch 1, greedy) in {dtype}, summed over layers: cross-attention for "
