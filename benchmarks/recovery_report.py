@@ -23,7 +23,7 @@ class ReportArguments:
     """The recovery script's settings, for the row labels (see `benchmarks/recovery_tiny_en_93.sh`)."""
 
     output_dir: str = field(metadata={"help": "The recovery run's folder (eval-ARM-SET/results.json inside)."})
-    steps: int = field(default=500)
+    steps: int = field(default=500, metadata={"help": "Short-clip steps; 0: the long-form stage alone."})
     learning_rate: float = field(default=2e-4)
     self_rank: int = field(default=120)
     trainable: str = field(default="mla_self")
@@ -45,14 +45,16 @@ def arm_labels(args: ReportArguments) -> dict[str, str]:
            + (f", output-aware {' '.join(args.output_aware.split())}" if args.output_aware.strip() else ""))
     labels = {"mha": "MHA (original; the label-free MHA control is identical)", "init": f"{mla}, SVD init, no training"}
     data = " (+ extra voices)" if args.extra_voices else ""
+    long = (f"{args.long_steps} steps at {args.learning_rate / 2:g} on joined 30 s samples with timestamps"
+            + (f" (clips also at speeds {args.speeds})" if args.speeds.strip() else ""))
     for arm, init in (("mla-svd", "SVD init"), ("mla-random", "random MLA init")):
-        short = f"{mla}, {init}, distilled ({args.trainable}) {args.steps} steps at {args.learning_rate:g} on short clips{data}"
-        if args.long_steps:
+        distilled = f"{mla}, {init}, distilled ({args.trainable})"
+        short = f"{distilled} {args.steps} steps at {args.learning_rate:g} on short clips{data}"
+        if args.steps and args.long_steps:
             labels[f"{arm}-short"] = short
-            labels[arm] = (f"{short}, then {args.long_steps} steps at {args.learning_rate / 2:g} on joined 30 s samples "
-                           "with timestamps" + (f" (clips also at speeds {args.speeds})" if args.speeds.strip() else ""))
-        else:
-            labels[arm] = short
+            labels[arm] = f"{short}, then {long}"
+        else:  # one stage: short clips, or (--steps 0) joined 30 s samples only
+            labels[arm] = short if args.steps else f"{distilled} {long}{data}"
     return labels
 
 

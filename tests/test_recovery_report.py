@@ -48,9 +48,16 @@ def test_report_counts_the_cached_frames_of_a_pooled_cross_latent(tmp_path):
     for name in ("multi_eval", "multi_eval_long", "real_eval"):
         write_eval(tmp_path, "mha", name, 9.5, cross_bytes=1000, self_bytes=1000, cross_cache_frames_per_30s=1500)
     write_eval(tmp_path, "init", "multi_eval", 9.3, cross_bytes=100, self_bytes=50, cross_cache_frames_per_30s=500)
-    result = run_report(tmp_path, "--cross_rank", "384", "--cross_stride", "3")
+    result = run_report(tmp_path, "--cross_rank", "384", "--cross_stride", "3", "--long_steps", "150")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows[1]["cache_per_utterance"] == 100 * 500 + 50 * 100
     assert rows[1]["setting"] == "self=120+0,cross=shared:384,stride=3"
     assert "over every 3 frames" in rows[1]["label"]
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 6  # --steps 300 and --long_steps 150: mha, init, a short-clip and a final row per arm
+    without_short = run_report(tmp_path, "--steps", "0", "--long_steps", "150")
+    assert without_short.returncode == 0, without_short.stderr
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "short clips" not in table[4]  # mha, init, mla-svd, mla-random
+    assert "150 steps at 0.0001 on joined 30 s samples" in table[4]
