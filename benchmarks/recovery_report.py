@@ -100,7 +100,8 @@ def main():
         mha_utterance = mha_utterance or utterance  # the first row is MHA's
         two_stages = f"{arm}-short" in labels  # a final row counts both stages
         minutes = None if arm in ("mha", "init") else train_minutes(args.output_dir, [arm] + two_stages * [f"{arm}-short"])
-        training = None if arm in ("mha", "init") else "short clips" + two_stages * " + long-form stage"
+        stages = ["short clips"] * bool(args.steps) + ["long-form stage"] * bool(args.long_steps)  # a final row's
+        training = (None if arm in ("mha", "init") else "short clips" if arm.endswith("-short") else " + ".join(stages))
         records.append({"arm": arm, "label": label, "setting": None if arm == "mha" else setting,
                         "training": training, "cache_per_utterance": utterance,
                         "reduction_%": round(100 * (1 - utterance / mha_utterance), 1), "train_minutes": minutes,

@@ -56,8 +56,12 @@ def test_report_counts_the_cached_frames_of_a_pooled_cross_latent(tmp_path):
     assert "over every 3 frames" in rows[1]["label"]
     table = (tmp_path / "results.md").read_text().splitlines()
     assert len(table) == 2 + 6  # --steps 300 and --long_steps 150: mha, init, a short-clip and a final row per arm
+    write_eval(tmp_path, "mla-svd", "multi_eval", 8.8, cross_bytes=100, self_bytes=50, cross_cache_frames_per_30s=500)
     without_short = run_report(tmp_path, "--steps", "0", "--long_steps", "150")
     assert without_short.returncode == 0, without_short.stderr
     table = (tmp_path / "results.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "short clips" not in table[4]  # mha, init, mla-svd, mla-random
     assert "150 steps at 0.0001 on joined 30 s samples" in table[4]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(row["arm"], row["training"]) for row in rows] == [("mha", None), ("init", None),
+                                                               ("mla-svd", "long-form stage")]
