@@ -360,7 +360,7 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
         if stride > 1:
             time_precision = time_precision * stride
             if num_frames is not None:  # Whisper keeps num_frames // 2 columns: 2 * ceil(encoder frames / stride)
-                pooled = lambda n: 2 * (-(-(n // 2) // stride))  # noqa: E731
+                pooled = lambda n: 2 * self.config.cross_latent_frames(n // 2)  # noqa: E731
                 num_frames = pooled(num_frames) if isinstance(num_frames, (int, torch.Tensor)) else [
                     pooled(int(n)) for n in num_frames]
         return super()._extract_token_timestamps(generate_outputs, alignment_heads, time_precision=time_precision,
@@ -435,9 +435,9 @@ def expected_cache_bytes_per_utterance(config, dtype: torch.dtype, tokens: int =
 def cross_cache_frames(config, frames: int, mha: bool = False) -> int:
     """Cross-attention cache entries for `frames` encoder frames: fewer with a pooled shared latent
     (`cross_latent_stride`), all of them for MHA."""
-    is_mla = getattr(config, "model_type", None) == "whisper_mla"
-    stride = getattr(config, "cross_latent_stride", 1) if is_mla and not mha else 1  # older checkpoints: no stride
-    return -(-frames // stride)
+    if mha or getattr(config, "model_type", None) != "whisper_mla":
+        return frames
+    return config.cross_latent_frames(frames)
 
 
 def cache_nbytes(cache: EncoderDecoderCache) -> dict[str, int]:

@@ -96,6 +96,11 @@ def main():
         result = next(iter(results.values()))
         cache = result["cache_bytes_per_token_split"]
         frames = result.get("cross_cache_frames_per_30s", 1500)  # fewer with a pooled shared cross latent
+        if args.cross_stride > 1 and arm != "mha" and "cross_cache_frames_per_30s" not in result:
+            raise ValueError(f"A pooled cross latent (--cross_stride {args.cross_stride}) expects run_eval.py results "
+                             f"with cross_cache_frames_per_30s, but {args.output_dir}/eval-{arm}-*/results.json lack "
+                             "it (written before that field existed); remove those eval folders and rerun the script "
+                             "to score them again.")
         utterance = cache["cross"] * frames + cache["self"] * 100
         mha_utterance = mha_utterance or utterance  # the first row is MHA's
         two_stages = f"{arm}-short" in labels  # a final row counts both stages

@@ -81,6 +81,9 @@ def parse_setting(spec: str, kept_key_dims: int) -> dict | None:
     if "oa" in parts:
         kwargs["output_aware"] = parts["oa"].split("+")
     if "stride" in parts:
+        if not parts["stride"].isdigit():
+            raise ValueError(f"stride expects a positive integer (encoder frames per cached frame), but found "
+                             f"{parts['stride']!r} in {spec!r}; e.g. self=384,cross=shared,stride=3.")
         kwargs["cross_latent_stride"] = int(parts["stride"])
     if "pool" in parts:
         kwargs["cross_latent_pooling"] = parts["pool"]
@@ -187,7 +190,8 @@ def cross_layout(spec: str) -> str:
     parts = dict(part.split("=", 1) for part in spec.split(","))
     cross = parts["cross"].partition(":")[0]
     if int(parts.get("stride", 1)) > 1:
-        return f"shared cross latent, one per {parts['stride']} frames"
+        pooling = "" if parts.get("pool", "mean") == "mean" else f" ({parts['pool']})"
+        return f"shared cross latent, one per {parts['stride']} frames{pooling}"
     return {"shared": "shared cross latent", "per_layer": "per-layer cross latents", "mha": "cross-attention MHA"}[cross]
 
 

@@ -140,10 +140,31 @@ def test_token_timestamps_span_the_pooled_frames(sharp_mha, num_beams):
     torch.testing.assert_close(outs[0]["token_timestamps"], 2 * outs[1]["token_timestamps"], atol=1e-6, rtol=0)
 
 
+def test_token_timestamps_map_num_frames_to_the_pooled_columns(tiny_mha, monkeypatch):
+    """Whisper keeps num_frames // 2 columns of the cross-attention weights (one per encoder frame); pooled, a clip
+    of n mel frames covers 2 * ceil((n // 2) / stride) of them, in every form generate passes num_frames."""
+    from transformers import WhisperForConditionalGeneration
+
+    seen = []
+    monkeypatch.setattr(WhisperForConditionalGeneration, "_extract_token_timestamps",
+                        lambda self, outputs, heads, time_precision=0.02, num_frames=None, num_input_ids=None:
+                        seen.append((time_precision, num_frames)))
+    mla = convert_whisper_to_mla(tiny_mha, cross_latent_stride=3)
+    mla._extract_token_timestamps(None, None, num_frames=1000)
+    mla._extract_token_timestamps(None, None, num_frames=torch.tensor([3000, 1001, 6]))
+    mla._extract_token_timestamps(None, None, num_frames=[2000, 7])
+    mla._extract_token_timestamps(None, None)
+    assert seen[0] == (pytest.approx(0.06), 334)  # 500 encoder frames -> 167 columns of 60 ms
+    assert seen[1][1].tolist() == [1000, 334, 2]
+    assert seen[2][1] == [668, 2]
+    assert seen[3][1] is None
+
+
 def test_model_card_names_the_stride(tiny_mha):
     from whisper_mla.hub import model_card
 
     card = str(model_card(convert_whisper_to_mla(tiny_mha, cross_latent_stride=2, cross_latent_pooling="subsample")))
     assert "one latent per 2 encoder frames (subsample), 750 for a 30 s window" in card
+    assert "values per 2 encoder frames, cached once" in card
     assert "exact" not in card.split("Cross-attention reads", 1)[1].split("\n")[0]
     assert "(the encoder output itself: exact)" in str(model_card(convert_whisper_to_mla(tiny_mha)))

@@ -65,3 +65,13 @@ def test_report_counts_the_cached_frames_of_a_pooled_cross_latent(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(row["arm"], row["training"]) for row in rows] == [("mha", None), ("init", None),
                                                                ("mla-svd", "long-form stage")]
+
+
+def test_report_refuses_pooled_results_without_their_frame_count(tmp_path):
+    """Results written before run_eval.py recorded the cached frames would count a pooled model's 1500 frames."""
+    for name in ("multi_eval", "multi_eval_long", "real_eval"):
+        write_eval(tmp_path, "mha", name, 9.5, cross_bytes=1000, self_bytes=1000)
+    write_eval(tmp_path, "init", "multi_eval", 9.3, cross_bytes=100, self_bytes=50)
+    result = run_report(tmp_path, "--cross_stride", "3")
+    assert result.returncode != 0
+    assert "cross_cache_frames_per_30s" in result.stderr and "eval-init-" in result.stderr

@@ -40,6 +40,7 @@ def test_settings_become_converter_arguments(sweep):
     ("cross=shared", "expects self=...,cross=..."),
     ("self=96,cross=per_layer:128", "share kv_lora_rank"),
     ("self=96,cross=pooled", "cross expects per_layer:R"),
+    ("self=mha,cross=shared,stride=two", "stride expects a positive integer"),
 ])
 def test_bad_settings_are_refused(sweep, spec, message):
     with pytest.raises(ValueError, match=message):
@@ -58,3 +59,5 @@ def test_a_stride_setting_converts_and_plots_as_its_own_series(sweep):
     assert saved == (frames - -(-frames // 3)) * mla.config.d_model * 4  # one float32 latent of d_model per frame
     assert sweep.cross_layout("self=mha,cross=shared,stride=3") == "shared cross latent, one per 3 frames"
     assert sweep.cross_layout("self=mha,cross=shared") == "shared cross latent"
+    assert sweep.cross_layout("self=mha,cross=shared,stride=3,pool=subsample") == (
+        "shared cross latent, one per 3 frames (subsample)")

@@ -197,7 +197,9 @@ def describe_mla(config) -> dict:
     return dict(mla_targets=list(config.mla_targets), kv_lora_rank=config.kv_lora_rank,
                 kv_lora_ranks=getattr(config, "kv_lora_ranks", None),
                 kept_key_dims=config.kept_key_dims, cross_attention_latent="shared" if shared else "per_layer",
-                shared_cross_rank=(getattr(config, "cross_kv_lora_rank", None) or config.d_model) if shared else None)
+                shared_cross_rank=(getattr(config, "cross_kv_lora_rank", None) or config.d_model) if shared else None,
+                cross_latent_stride=getattr(config, "cross_latent_stride", 1) if shared else None,
+                cross_latent_pooling=getattr(config, "cross_latent_pooling", "mean") if shared else None)
 
 
 # --------------------------------------------------------------------------------------------- worker

@@ -126,7 +126,9 @@ def model_card(model: WhisperMLAForConditionalGeneration, extra: str = "") -> st
     )
     if config.shares_cross_latent_across_layers():
         width = config.shared_cross_rank()
-        cross = (f"Cross-attention reads ONE latent of {width} values per encoder frame, cached once for all "
+        per = (f"per {config.cross_latent_stride} encoder frames" if config.cross_latent_stride > 1
+               else "per encoder frame")
+        cross = (f"Cross-attention reads ONE latent of {width} values {per}, cached once for all "
                  f"{config.decoder_layers} decoder layers" + (
                      "." if width < config.d_model else " (the encoder output itself, pooled over time)."
                      if config.cross_latent_stride > 1 else " (the encoder output itself: exact)."))
