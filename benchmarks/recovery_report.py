@@ -33,7 +33,8 @@ class ReportArguments:
     speeds: str = field(default="", metadata={"help": "Speed perturbation of the long-form stage, e.g. '0.9 1.1'."})
     output_aware: str = field(default="", metadata={"help": "Output-aware kinds, e.g. 'decoder_self'."})
     cross_rank: int = field(default=192)
-    cross_stride: int = field(default=1, metadata={"help": "Encoder frames per cached frame of the shared cross latent."})
+    cross_stride: int = field(default=1,
+                              metadata={"help": "Encoder frames per cached frame of the shared cross latent."})
     extra_voices: bool = field(default=False, metadata={"help": "Whether training also had the extra voices."})
 
 

@@ -18,7 +18,8 @@
 # Evaluation: speakers calibration and training never heard (multi_eval, 36 clips; multi_eval_long, 3 recordings of
 # 45-146 s, long-form with timestamps), and the calibration speaker's held-out prompts (real_eval).
 #
-#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT] [LONG_STEPS] [SPEEDS] [OUTPUT_AWARE] [CROSS_RANK] [CROSS_STRIDE]
+#   bash benchmarks/recovery_tiny_en_93.sh [OUTPUT_DIR] [STEPS] [LEARNING_RATE] [SELF_RANK] [TRAINABLE] [ALLOCATION] [KEPT]
+#       [LONG_STEPS] [SPEEDS] [OUTPUT_AWARE] [CROSS_RANK] [CROSS_STRIDE]
 #   # defaults: outputs/recovery93, 500, 2e-4, 120, mla_self, uniform, 0, 0, none, none, 192, 1 (STEPS 0: no short-clip
 #   # stage, LONG_STEPS must then be > 0; ALLOCATION spectrum: the 4 x SELF_RANK
 #   # self-attention widths shared out by each layer's spectrum, --kv_lora_rank_allocation; KEPT: key dims per head
@@ -56,7 +57,8 @@ OUTPUT_AWARE=${10:-none}
 CROSS_RANK=${11:-192}
 CROSS_STRIDE=${12:-1}
 [ "$STEPS" -gt 0 ] || [ "$LONG_STEPS" -gt 0 ] || {
-  echo "STEPS (short-clip steps) and LONG_STEPS (long-form steps) are both 0: nothing would train; give one of them." >&2
+  echo "STEPS (short-clip steps) and LONG_STEPS (long-form steps) are both 0: nothing would train;" \
+    "give one of them a number of steps." >&2
   exit 2
 }
 [ "$SPEEDS" = none ] && SPEEDS=
@@ -72,7 +74,8 @@ if [ ! -f "$OUT/init/config.json" ]; then
   python convert_whisper_to_mla.py --model_name_or_path "$TINY" --output_dir "$OUT/init" --overwrite_output_dir \
     --kv_lora_rank "$SELF_RANK" --kv_lora_rank_allocation "$ALLOCATION" --kept_key_dims "$KEPT" \
     --key_selection 2-norm --cross_attention_latent shared --cross_kv_lora_rank "$CROSS_RANK" \
-    --cross_latent_stride "$CROSS_STRIDE" ${OUTPUT_AWARE:+--output_aware $OUTPUT_AWARE} --calibration_data "$OUT/train.json" --calibration_samples 256
+    --cross_latent_stride "$CROSS_STRIDE" ${OUTPUT_AWARE:+--output_aware $OUTPUT_AWARE} \
+    --calibration_data "$OUT/train.json" --calibration_samples 256
 fi
 
 train() {  # FROM OUTPUT STEPS LEARNING_RATE EXTRA_FLAGS...: one distillation stage, skipped when OUTPUT is finished
