@@ -15,7 +15,7 @@ each `--eval_sets` manifest: `multi_eval` (several real speakers calibration nev
 calibration speaker's voice, held-out prompts) second. The cache column is one 30 s utterance (1500 encoder frames)
 with `--tokens` decoder tokens, float32, against MHA's float32 cache; `int8` is the same model with its int8 cache.
 Writes OUTPUT_DIR/sweep.json (after every setting), sweep.md (the table) and sweep.png (WER against cache cut, one
-series per cross-attention layout).
+panel per eval set, one series per cross-attention layout).
 """
 
 import json
@@ -156,6 +156,10 @@ def main():
 def write_report(rows: list[dict], args: SweepArguments) -> None:
     """sweep.md (the table, --recovered rows last) and sweep.png (the plot) in args.output_dir."""
     eval_sets = args.eval_sets
+    missing = sorted({name for row in rows for name in eval_sets if f"wer_{name}" not in row})
+    if missing:
+        raise ValueError(f"The report expects every row scored on --eval_sets {eval_sets}, but the rows lack "
+                         f"{missing}; pass the --eval_sets the sweep scored.")
     header = " | ".join(f"WER {name}" for name in eval_sets)
     table = [f"| setting | cache per 30 s utterance (T={args.tokens}) | reduction | int8: reduction | {header} |",
              "|---|---|---|---|" + "---|" * len(eval_sets)]
@@ -169,7 +173,7 @@ def write_report(rows: list[dict], args: SweepArguments) -> None:
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
-    plot_trade_off(rows, args.eval_sets[0], os.path.join(args.output_dir, "sweep.png"), args.model, recovered)
+    plot_trade_off(rows, args.eval_sets, os.path.join(args.output_dir, "sweep.png"), args.model, recovered)
 
 
 def read_recovery(path: str, eval_sets: list[str]) -> tuple[dict, dict]:
@@ -195,47 +199,64 @@ def cross_layout(spec: str) -> str:
     return {"shared": "shared cross latent", "per_layer": "per-layer cross latents", "mha": "cross-attention MHA"}[cross]
 
 
-def plot_trade_off(rows: list[dict], eval_name: str, path: str, model: str, recovered=()) -> None:
-    """WER on `eval_name` against the float cache reduction, one series per cross-attention layout, each point
-    labelled with its setting; MHA as a horizontal line; each (before, after) recovery pair as an arrow."""
+def point_label(spec: str) -> str:
+    """A point's short label beside its series (which names the cross layout): the self-attention latent, how it was
+    fitted, and the cross width where the setting narrows it, e.g. "self 352, oa" or "self MHA, cross 192"."""
+    parts = dict(part.split("=", 1) for part in spec.split(","))
+    label = f"self {parts['self'].upper() if parts['self'] == 'mha' else parts['self']}"
+    label += ", oa" if "oa" in parts else ""
+    label += ", spectrum" if "alloc" in parts else ""
+    width = parts["cross"].partition(":")[2]
+    return label + (f", cross {width}" if width and not parts["cross"].startswith("per_layer") else "")
+
+
+def plot_trade_off(rows: list[dict], eval_names: list[str], path: str, model: str, recovered=()) -> None:
+    """WER against the float cache reduction, one panel per eval set and one series per cross-attention layout, each
+    point labelled with its self-attention latent; MHA as a horizontal line; each (before, after) recovery pair as an
+    arrow. The legend sits below the panels, so no label hides a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, len(eval_names), figsize=(6.5 * len(eval_names), 5.5), squeeze=False)
     mha = next(row for row in rows if row["converter_kwargs"] is None)
-    ax.axhline(mha[f"wer_{eval_name}"], color="gray", linestyle="--", label=f"MHA ({mha[f'wer_{eval_name}']:.2f})")
     series = {}
     for row in rows:
         if row["converter_kwargs"] is not None:
             series.setdefault(cross_layout(row["setting"]), []).append(row)
-    for label, points in series.items():
-        points.sort(key=lambda row: row["reduction_%"])
-        x, y = [row["reduction_%"] for row in points], [row[f"wer_{eval_name}"] for row in points]
-        ax.plot(x, y, marker="o", label=label)
-        for row in points:
-            ax.annotate(row["setting"], (row["reduction_%"], row[f"wer_{eval_name}"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    for index, (before, after) in enumerate(recovered):
-        (x0, y0), (x1, y1) = ((row["reduction_%"], row[f"wer_{eval_name}"]) for row in (before, after))
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "black"})
-        ax.plot([x0], [y0], marker="x", color="black", linestyle="none",
-                label="recovery's own SVD init (its calibration)" if index == 0 else None)
-        ax.plot([x1], [y1], marker="*", markersize=12, color="black", linestyle="none",
-                label="after recovery (distilled)" if index == 0 else None)
-        ax.annotate(f"{after['setting']}, {after.get('training') or 'distilled'}", (x1, y1), fontsize=7,
-                    textcoords="offset points", xytext=(6, 8 - 12 * index))
-    ax.set_xlabel("decoder cache reduction, 30 s utterance, float (%)")
-    ax.set_ylabel(f"WER on {eval_name} (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(f"Whisper {model}: WER against cache cut" + (", before and after recovery" if recovered
+    for ax, eval_name in zip(axes[0], eval_names):
+        key = f"wer_{eval_name}"
+        ax.axhline(mha[key], color="gray", linestyle="--", label="MHA")
+        for label, points in series.items():
+            points.sort(key=lambda row: row["reduction_%"])
+            line, = ax.plot([row["reduction_%"] for row in points], [row[key] for row in points], marker="o",
+                            label=label)
+            for index, row in enumerate(points):  # alternate above / below: neighbours at one WER stay apart
+                ax.annotate(point_label(row["setting"]), (row["reduction_%"], row[key]), fontsize=7,
+                            color=line.get_color(), textcoords="offset points", xytext=(4, 4 if index % 2 else -10))
+        for index, (before, after) in enumerate(recovered):
+            (x0, y0), (x1, y1) = ((row["reduction_%"], row[key]) for row in (before, after))
+            ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "black"})
+            ax.plot([x0], [y0], marker="x", color="black", linestyle="none",
+                    label="recovery's own SVD init (its calibration)" if index == 0 else None)
+            ax.plot([x1], [y1], marker="**PDsv^"[index % 6], markersize=11, color="black", linestyle="none",
+                    label=f"after recovery: {after['setting']}, {after.get('training') or 'distilled'}")
+        ax.set_xlabel("decoder cache reduction, 30 s utterance, float (%)")
+        ax.set_ylabel(f"WER on {eval_name} (log scale; MHA {mha[key]:.2f})")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.margins(x=0.1)  # room for the labels of the outermost points
+        ax.set_title(eval_name)
+    fig.suptitle(f"Whisper {model}: WER against cache cut" + (", before and after recovery" if recovered
                                                                else ", no training"))
-    ax.legend()
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (len(labels) + 1) / 2, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     main()

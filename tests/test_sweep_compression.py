@@ -61,3 +61,36 @@ def test_a_stride_setting_converts_and_plots_as_its_own_series(sweep):
     assert sweep.cross_layout("self=mha,cross=shared") == "shared cross latent"
     assert sweep.cross_layout("self=mha,cross=shared,stride=3,pool=subsample") == (
         "shared cross latent, one per 3 frames (subsample)")
+
+
+def test_point_labels_name_the_self_latent_and_a_narrowed_cross_width(sweep):
+    assert sweep.point_label("self=352,cross=shared,stride=3,oa=decoder_self") == "self 352, oa"
+    assert sweep.point_label("self=mha,cross=shared:192") == "self MHA, cross 192"
+    assert sweep.point_label("self=96,cross=mha,alloc=spectrum") == "self 96, spectrum"
+    assert sweep.point_label("self=192,cross=per_layer:192") == "self 192"  # per-layer width is the self width
+
+
+def _row(spec, reduction, wers, kwargs=True):
+    return {"setting": spec, "converter_kwargs": {} if kwargs else None, "cache_per_utterance": 2**20,
+            "reduction_%": reduction, "reduction_int8_%": reduction, **{f"wer_{k}": v for k, v in wers.items()}}
+
+
+def test_report_from_a_sweep_writes_one_panel_per_eval_set(sweep, tmp_path):
+    """--from_sweep redraws table and plot; rows without a requested eval set are refused, not half-plotted."""
+    import matplotlib.image
+
+    rows = [_row("self=mha,cross=mha", 0.0, {"a": 9.5, "b": 9.4}, kwargs=False),
+            _row("self=384,cross=shared", 85.2, {"a": 9.5, "b": 9.4}),
+            _row("self=352,cross=shared,stride=3,oa=decoder_self", 93.2, {"a": 9.3, "b": 10.9})]
+    args = sweep.SweepArguments(output_dir=str(tmp_path), eval_sets=["a", "b"])
+    sweep.write_report(rows, args)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0].endswith("| WER a | WER b |") and len(table) == 2 + len(rows)
+    assert "| self=352,cross=shared,stride=3,oa=decoder_self | 1.00 MiB | 93.2% | 93.2% | 9.30 | 10.90 |" in table
+    one_panel = sweep.SweepArguments(output_dir=str(tmp_path / "one"), eval_sets=["a"])
+    os.makedirs(one_panel.output_dir)
+    sweep.write_report(rows, one_panel)
+    two, one = (matplotlib.image.imread(path) for path in (tmp_path / "sweep.png", tmp_path / "one" / "sweep.png"))
+    assert two.shape[1] == 2 * one.shape[1]  # 6.5 inches per panel
+    with pytest.raises(ValueError, match=r"lack \['c'\]"):
+        sweep.write_report(rows, sweep.SweepArguments(output_dir=str(tmp_path), eval_sets=["a", "c"]))
