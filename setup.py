@@ -34,6 +34,7 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",
         "safetensors>=0.4",
+        "scipy>=1.11",  # filters and room responses of the diverse training manifest (benchmarks/)
         "jiwer>=4.0,<5",  # WER: what evaluate's "wer" metric runs, without the Hub download of the metric
         "whisper-normalizer>=0.1.12,<0.2",  # ships Whisper's English spelling map (normalizer.json)
     ],
