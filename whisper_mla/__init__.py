@@ -1,7 +1,9 @@
 """whisper-mla library code; the top-level `run_*.py`, `convert_whisper_to_mla.py`, `import_ctranslate2.py`,
 `make_speech_data.py`, `run_demo.py` and `app.py` scripts are thin entry points around it.
 
-    whisper_mla.conversion             MHA -> MLA: calibration statistics, kept key dims, (activation-aware) SVD
+    whisper_mla.conversion             MHA -> MLA: the settings (MLAArguments) and convert_whisper_to_mla
+    whisper_mla.calibration            calibration statistics of the MHA model's attention blocks
+    whisper_mla.factorisation          kept key dims, (activation-aware, output-aware) SVD, a block's MLA weights
     whisper_mla.hub                    a folder made a loadable checkpoint (remote code, auto_map, model card); push
     whisper_mla.transcription          load, transcribe (short and long-form), score WER, measure the decoder cache
     whisper_mla.metrics                WER (jiwer) and Whisper's text normalisers

