@@ -10,8 +10,8 @@ Whisper, as OpenAI's); audio over 30 s goes through its chunked long-form path. 
 time it took, and the bytes of the decoder cache (self- and cross-attention) measured on the cache objects that
 `generate()` really filled, for this utterance and, multiplied out, for a batch of 64 such utterances.
 
-Without `--mla_model` the MHA model is converted once with the converter's default settings (exact: the calibration
-speech, real_train of `make_speech_data.py` as in `run_demo.py`, only serves settings that are not), and cached under
+Without `--mla_model` the MHA model is converted once with the converter's default settings (exact: no calibration
+speech is prepared or read, so the first start takes seconds after the model import), and cached under
 `$WHISPER_MLA_CACHE/models` (default `~/.cache/whisper_mla`); the page says what it is doing meanwhile.
 """
 
@@ -34,13 +34,18 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
+from transformers import AutoConfig, AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration  # noqa: E402
 from transformers.cache_utils import EncoderDecoderCache  # noqa: E402
 
 import configuration_whisper_mla  # noqa: E402
 import modeling_whisper_mla  # noqa: E402
 from whisper_mla.audio import SAMPLING_RATE, SpeechDataError, load_audio  # noqa: E402
-from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio  # noqa: E402
+from whisper_mla.conversion import (  # noqa: E402
+    MLAArguments,
+    convert_whisper_to_mla,
+    load_calibration_audio,
+    needs_calibration,
+)
 from whisper_mla.hub import save_mla_checkpoint  # noqa: E402
 from whisper_mla.packaged_models import default_cache_dir, ensure_packaged_model  # noqa: E402
 from whisper_mla.speech_data import DEFAULT_CALIBRATION_SET, ensure_real_speech  # noqa: E402
@@ -114,31 +119,39 @@ def default_conversion_dir(mha_model: str, mla_args: MLAArguments) -> Path:
     return default_cache_dir() / "models" / f"{name}-mla-{digest.hexdigest()[:12]}"
 
 
-def ensure_default_mla(mha_model: str | None = None, report=logger.info) -> tuple[str, str]:
+def ensure_default_mla(mha_model: str | None = None, report=logger.info,
+                       mla_args: MLAArguments | None = None) -> tuple[str, str]:
     """The embedded default pair: (MHA checkpoint, its MLA conversion with the converter's default settings).
 
-    The conversion is `run_demo.py`'s: the MHA model (default: the packaged tiny.en), the converter's default
-    settings, calibration on the real_train speech. It runs once; later starts load the cached folder.
+    The conversion is `run_demo.py`'s: the MHA model (default: the packaged tiny.en) with the converter's default
+    settings, which are exact, so no calibration speech is prepared or read; settings that are not exact are
+    calibrated on the real_train speech. It runs once; later starts load the cached folder.
 
     Args:
         mha_model: an MHA Whisper checkpoint (folder or Hub id), or None for the packaged tiny.en.
         report: called with a one-line progress message at each stage.
+        mla_args: the conversion settings; default the converter's defaults.
 
     Returns:
         (MHA checkpoint, MLA checkpoint folder)
     """
-    report(f"Preparing {mha_model or 'the packaged Whisper tiny.en'} and the calibration speech (the first start "
-           "imports and synthesises them: minutes)...")
+    report(f"Preparing {mha_model or 'the packaged Whisper tiny.en (imported once: seconds)'}...")
     mha_model = mha_model or ensure_packaged_model("tiny.en")
-    mla_args = MLAArguments(calibration_data=str(ensure_real_speech()[DEFAULT_CALIBRATION_SET]))
+    mla_args = mla_args or MLAArguments()
+    calibrate = needs_calibration(AutoConfig.from_pretrained(mha_model), mla_args)
+    if calibrate and mla_args.calibration_data is None:  # only settings that are not exact read speech
+        report("These settings are not exact: preparing the real_train calibration speech...")
+        mla_args.calibration_data = str(ensure_real_speech()[DEFAULT_CALIBRATION_SET])
     target = default_conversion_dir(mha_model, mla_args)
     if (target / "config.json").is_file():
         return mha_model, str(target)
-    report(f"Converting {mha_model} to MLA with the converter's default settings (first start only; settings "
-           f"that are not exact are calibrated on {mla_args.calibration_samples} real_train clips)...")
+    report(f"Converting {mha_model} to MLA with the converter's default settings (first start only" +
+           (f"; calibrated on {mla_args.calibration_samples} real_train clips)..." if calibrate else
+            "; exact, so nothing to calibrate: seconds)..."))
     processor = AutoProcessor.from_pretrained(mha_model)
     mha = WhisperForConditionalGeneration.from_pretrained(mha_model).eval()
-    calibration = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
+    calibration = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples) if calibrate \
+        else None
     mla = convert_whisper_to_mla(mha, mla_args, calibration_audio=calibration,
                                  feature_extractor=processor.feature_extractor)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # renamed into place once complete

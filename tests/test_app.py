@@ -7,10 +7,12 @@ The real-default test saves its screenshot to $WHISPER_MLA_APP_SCREENSHOT when s
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +171,28 @@ def test_default_conversion_is_cached_by_its_settings(tiny_checkpoint_dirs, monk
     assert folder.parent == tmp_path / "models" and folder.name.startswith("mha-mla-")
     assert app.default_conversion_dir(mha_dir, app.MLAArguments()) == folder
     assert app.default_conversion_dir(mha_dir, app.MLAArguments(kv_lora_rank=96)) != folder
+
+
+def test_default_first_start_prepares_no_speech(tiny_checkpoint_dirs, monkeypatch, tmp_path):
+    """The exact default needs no calibration: the first start converts without preparing or reading any speech;
+    settings that are not exact still ask for it."""
+    monkeypatch.setenv("WHISPER_MLA_CACHE", str(tmp_path))
+    mha_dir, _ = tiny_checkpoint_dirs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration speech was prepared")
+
+    monkeypatch.setattr(app, "ensure_real_speech", refuse)
+    monkeypatch.setattr(app, "load_calibration_audio", refuse)
+    messages = []
+    mha, mla = app.ensure_default_mla(mha_dir, report=messages.append)
+    assert mha == mha_dir and Path(mla).parent == tmp_path / "models"
+    provenance = json.loads((Path(mla) / "config.json").read_text())["mla_conversion"]
+    assert provenance["calibration_clips"] == 0 and provenance["activation_aware"] is False
+    assert "nothing to calibrate" in messages[-1] and not any("calibration speech" in m for m in messages)
+    assert app.ensure_default_mla(mha_dir, report=messages.append) == (mha, mla)  # cached: no second conversion
+    with pytest.raises(AssertionError, match="calibration speech was prepared"):
+        app.ensure_default_mla(mha_dir, mla_args=app.MLAArguments(kv_lora_rank=8))
 
 
 # --------------------------------------------------------------------------------------------- in Chromium
