@@ -26,6 +26,7 @@ from whisper_mla.conversion import (
     MLAArguments,
     convert_whisper_to_mla,
     load_calibration_audio,
+    needs_calibration,
 )
 from whisper_mla.hub import push_checkpoint, save_mla_checkpoint
 
@@ -60,9 +61,12 @@ def main():
     # 2. Load the MHA model (strictly: every weight present and shaped as its config says) and its processor.
     model = from_pretrained_strict(WhisperForConditionalGeneration, source)
     processor = AutoProcessor.from_pretrained(source)
-    # 3. Calibration audio, if any.
+    # 3. Calibration audio, if given and if these settings read it (the exact defaults do not: it is not loaded).
     audios = None
-    if mla_args.calibration_data is not None:
+    if mla_args.calibration_data is not None and not needs_calibration(model.config, mla_args):
+        print(f"These settings are exact at every converted block: --calibration_data {mla_args.calibration_data} "
+              "would change no weight, so it is not read.")
+    elif mla_args.calibration_data is not None:
         audios = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
     # 4. Convert, save (into a temporary sibling swapped in at the end: a killed run leaves no half-written folder).
     mla_model = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,

@@ -1,7 +1,9 @@
 """A converted checkpoint records where it came from without the local path of its source (config.json goes to the
-Hub with --push_to_hub): a Hub id as such, a local folder by its name and a digest of its weights."""
+Hub with --push_to_hub): a Hub id as such, a local folder by its name and a digest of its weights. And the converter
+does no work its settings do not need."""
 
 import json
+import sys
 
 import torch
 from transformers import WhisperForConditionalGeneration
@@ -38,3 +40,19 @@ def test_hub_source_is_recorded_as_its_id(tiny_mha):
     assert convert_whisper_to_mla(model).config.mla_conversion["base_model"] == "openai/whisper-tiny.en"
     model.config._name_or_path = ""
     assert source_description(model) == {"base_model": None}
+
+
+def test_converter_cli_reads_no_calibration_audio_for_exact_settings(tiny_checkpoint_dirs, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The exact defaults: --calibration_data is not read (here it does not even exist), and the saved config names
+    the source folder without its path."""
+    from convert_whisper_to_mla import main as convert_main
+
+    mha_dir, _ = tiny_checkpoint_dirs
+    monkeypatch.setattr(sys, "argv", ["convert_whisper_to_mla.py", "--model_name_or_path", mha_dir, "--output_dir",
+                                      str(tmp_path / "out"), "--calibration_data", str(tmp_path / "missing.json")])
+    convert_main()
+    assert "would change no weight, so it is not read" in capsys.readouterr().out
+    text = (tmp_path / "out" / "config.json").read_text()
+    assert mha_dir not in text
+    assert json.loads(text)["mla_conversion"]["base_model_local"].startswith("mha (local folder, weights sha256 ")
