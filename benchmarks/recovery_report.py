@@ -1,9 +1,9 @@
-"""The table of a recovery run (`benchmarks/recovery_tiny_en_93.sh`): every arm's WER on each eval set, its cache per
-30 s utterance against MHA's and its training minutes. Writes OUTPUT_DIR/results.md and results.json (the points
+"""The table of a recovery run (the last stage of `benchmarks/run_recovery.py`): every arm's WER on each eval set, its
+cache per 30 s utterance against MHA's and its training minutes. Writes OUTPUT_DIR/results.md and results.json (the points
 `benchmarks/sweep_compression.py --recovered` adds to the trade-off plot). An arm or eval set that was not scored
 (e.g. a stage stopped for time) shows as "-" and is left out of results.json's row; the MHA row must be there.
 
-    python benchmarks/recovery_report.py --output_dir outputs/recovery93 --steps 500 --learning_rate 2e-4 ...
+    python benchmarks/recovery_report.py --output_dir outputs/recovery93s3 --steps 0 --long_steps 150 ...
 """
 
 import json
@@ -20,7 +20,7 @@ EVAL_SETS = ("multi_eval", "multi_eval_long", "real_eval")
 
 @dataclass
 class ReportArguments:
-    """The recovery script's settings, for the row labels (see `benchmarks/recovery_tiny_en_93.sh`)."""
+    """The recovery run's settings, for the row labels (`benchmarks/run_recovery.py` passes its config's)."""
 
     output_dir: str = field(metadata={"help": "The recovery run's folder (eval-ARM-SET/results.json inside)."})
     steps: int = field(default=500, metadata={"help": "Short-clip steps; 0: the long-form stage alone."})
@@ -90,7 +90,8 @@ def main():
         results = read_results(args.output_dir, arm)
         if mha_utterance is None and not results:
             raise ValueError(f"The report expects the MHA row's evaluations in {args.output_dir}/eval-mha-*/, but "
-                             "found none; run benchmarks/recovery_tiny_en_93.sh (it scores MHA first).")
+                             "found none; run benchmarks/run_recovery.py CONFIG with eval_models including mha (it "
+                             "scores MHA first).")
         if not results:
             rows.append(f"| {label} | - | - | " + " | ".join("-" for _ in EVAL_SETS) + " | - |")
             continue

@@ -62,7 +62,7 @@ class SweepArguments:
     )
     recovered: list[str] = field(
         default_factory=list,
-        metadata={"help": "results.json files of benchmarks/recovery_tiny_en_93.sh: each run's SVD-init and distilled "
+        metadata={"help": "results.json files of benchmarks/run_recovery.py: each run's SVD-init and distilled "
                   "rows join the table and the plot (an arrow from before to after recovery)."},
     )
     language: str | None = field(default=None, metadata={"help": "For multilingual models, e.g. 'en'."})
@@ -183,7 +183,7 @@ def read_recovery(path: str, eval_sets: list[str]) -> tuple[dict, dict]:
     missing = [f"{arm}: wer_{name}" for arm in ("init", "mla-svd") for name in eval_sets
                if f"wer_{name}" not in rows.get(arm, {})]
     if missing:
-        raise ValueError(f"--recovered expects results.json of benchmarks/recovery_tiny_en_93.sh with the init and "
+        raise ValueError(f"--recovered expects results.json of benchmarks/run_recovery.py with the init and "
                          f"mla-svd rows scored on {eval_sets}, but {path} lacks {missing}; pass --eval_sets the run "
                          "scored, or rerun it.")
     return rows["init"], rows["mla-svd"]

@@ -40,7 +40,7 @@ def test_report_rows_cut_and_unscored_arms(tmp_path):
 def test_report_without_mha_says_how_to_fix(tmp_path):
     result = run_report(tmp_path)
     assert result.returncode != 0
-    assert "eval-mha-" in result.stderr and "recovery_tiny_en_93.sh" in result.stderr
+    assert "eval-mha-" in result.stderr and "run_recovery.py" in result.stderr
 
 
 def test_report_counts_the_cached_frames_of_a_pooled_cross_latent(tmp_path):

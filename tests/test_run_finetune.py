@@ -840,7 +840,7 @@ def test_mla_from_scratch_differs_from_the_svd_init_exactly_in_the_low_rank_proj
 
 def test_mla_from_scratch_of_a_converted_checkpoint_equals_converting_then_redrawing(tiny_checkpoint_dirs,
                                                                                      tiny_processor):
-    """--mla_from_scratch on the saved Whisper-MLA checkpoint (what benchmarks/recovery_tiny_en_93.sh passes: both
+    """--mla_from_scratch on the saved Whisper-MLA checkpoint (what benchmarks/run_recovery.py passes: both
     arms start from one calibrated conversion) redraws the same projections as converting the MHA model the same way
     and redrawing them: bit-identical students."""
     from whisper_mla.training.arguments import DistillationArguments
