@@ -19,8 +19,9 @@ the conversion is exact.
 
 Within each head the kept key dims come first, then the compressed ones (the converter permutes `q_proj` rows to
 match), so the split between them is one `torch.split`. The cache is transformers' own `EncoderDecoderCache`: a
-converted layer stores the latent in the "keys" slot, shape (B, 1, S, r), and the kept key dims in the "values" slot,
-shape (B, H, S, kept); beam reordering, cropping and `get_seq_length` work unchanged.
+converted layer stores the latent in the "keys" slot, shape (B, 1, S, r), and the kept key dims of all heads in the
+"values" slot, shape (B, 1, S, H * kept): one "head" in both slots, so a static cache (which sizes its buffers from the
+first update) holds them too; beam reordering, cropping and `get_seq_length` work unchanged.
 """
 
 from collections.abc import Callable
@@ -39,8 +40,10 @@ from transformers.models.whisper.modeling_whisper import (
 
 try:  # loaded as remote code (a package made by transformers) or as this project's top-level module
     from .configuration_whisper_mla import WhisperMLAConfig
+    from .pipeline_whisper_mla import WhisperMLAPipeline
 except ImportError:
     from configuration_whisper_mla import WhisperMLAConfig
+    from pipeline_whisper_mla import WhisperMLAPipeline
 
 
 class WhisperMLAAttention(WhisperAttention):
@@ -87,17 +90,21 @@ class WhisperMLAAttention(WhisperAttention):
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
 
     def compress(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache holds: latent (B, 1, S, r) and kept key dims (B, H, S, kept)."""
-        bsz, src_len, _ = states.shape
+        """What the cache holds: latent (B, 1, S, r) and the kept key dims of all heads (B, 1, S, H*kept)."""
         if self.shared_latent:  # states is the shared latent (B, S, r) itself
-            return states.unsqueeze(1), states.new_zeros(bsz, self.num_heads, src_len, 0)
+            return states.unsqueeze(1), states[..., :0].unsqueeze(1)
         latent, k_kept = self.kv_a_proj(states).split([self.kv_lora_rank, self.num_heads * self.qk_kept_head_dim], -1)
-        k_kept = k_kept.view(bsz, src_len, self.num_heads, self.qk_kept_head_dim).transpose(1, 2)  # (B, H, S, kept)
-        return latent.unsqueeze(1), k_kept
+        return latent.unsqueeze(1), k_kept.unsqueeze(1)
+
+    def split_heads(self, k_kept: torch.Tensor) -> torch.Tensor:
+        """Cached kept key dims (B, 1, S, H*kept) -> per head (B, H, S, kept), a view."""
+        bsz, _, src_len, _ = k_kept.shape
+        return k_kept.view(bsz, src_len, self.num_heads, self.qk_kept_head_dim).transpose(1, 2)
 
     def expand(self, latent: torch.Tensor, k_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Naive path: full keys and values (B, H, S, head_dim) from the cached latent and kept dims."""
         bsz, _, src_len, _ = latent.shape
+        k_kept = self.split_heads(k_kept)  # (B, H, S, kept)
         k_nope = self.k_b_proj(latent[:, 0, :, : self.k_latent_dim])
         k_nope = k_nope.view(bsz, src_len, self.num_heads, self.qk_nope_head_dim).transpose(1, 2)  # (B, H, S, nope)
         value = self.v_b_proj(latent[:, 0, :, self.v_latent_offset :])
@@ -108,9 +115,8 @@ class WhisperMLAAttention(WhisperAttention):
         """The int8 cache entry: (B, 1, S, r + H*kept + 8), the latent and the kept dims each quantised with one
         absmax scale per token; the two float32 scales ride along as their raw bytes, so one tensor holds it all."""
         bsz, _, src_len, _ = latent.shape
-        kept = k_kept.transpose(1, 2).reshape(bsz, 1, src_len, -1)  # (B, 1, S, H*kept)
         quantized, scales = [], []
-        for part in (latent, kept):
+        for part in (latent, k_kept):
             part = part.float()
             if part.shape[-1]:
                 scale = part.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (B, 1, S, 1)
@@ -122,13 +128,12 @@ class WhisperMLAAttention(WhisperAttention):
         return torch.cat([*quantized, scale_bytes], -1)
 
     def unpack_int8(self, packed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of `pack_int8`: latent (B, 1, S, r) and kept key dims (B, H, S, kept) in `dtype`."""
-        bsz, _, src_len, width = packed.shape
+        """Inverse of `pack_int8`: latent (B, 1, S, r) and kept key dims (B, 1, S, H*kept) in `dtype`."""
+        width = packed.shape[-1]
         values, scale_bytes = packed.split([width - 8, 8], -1)
         scales = scale_bytes.contiguous().view(torch.float32).to(dtype)  # (B, 1, S, 2)
         latent, kept = values.to(dtype).split([self.kv_lora_rank, width - 8 - self.kv_lora_rank], -1)
-        kept = (kept * scales[..., 1:]).view(bsz, src_len, self.num_heads, self.qk_kept_head_dim).transpose(1, 2)
-        return latent * scales[..., :1], kept  # (B, 1, S, r), (B, H, S, kept)
+        return latent * scales[..., :1], kept * scales[..., 1:]  # (B, 1, S, r), (B, 1, S, H*kept)
 
     def absorbed_attention(
         self,
@@ -155,10 +160,12 @@ class WhisperMLAAttention(WhisperAttention):
         c_v = latent[:, 0, :, self.v_latent_offset :]  # (B', S, r_v)
         # Scores of the kept dims first (a fresh contiguous tensor); the latent's part is accumulated onto them.
         q_kept = q_kept.reshape(kv_bsz, group, heads, tgt_len, self.qk_kept_head_dim)  # (B', G, H, T, kept)
-        scores = (q_kept @ k_kept.unsqueeze(1).transpose(-1, -2)).view(kv_bsz, rows, src_len)  # (B', G*H*T, S)
+        k_kept = self.split_heads(k_kept).unsqueeze(1)  # (B', 1, H, S, kept)
+        scores = (q_kept @ k_kept.transpose(-1, -2)).view(kv_bsz, rows, src_len)  # (B', G*H*T, S)
         if attention_mask is None and self.is_causal and tgt_len > 1:
-            past = src_len - tgt_len
-            attention_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril(past)
+            # what SDPA's is_causal does when transformers passes no mask: aligned top-left (a prefill from position
+            # 0, into a dynamic cache of T rows or a static one of max_cache_len rows)
+            attention_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None:  # (B, 1, T, S) or (T, S), broadcast over a (B, H, T, S) view of the scores
             scores_bhts = scores.view(bsz, heads, tgt_len, src_len)
             if attention_mask.dtype == torch.bool:
@@ -212,13 +219,17 @@ class WhisperMLAAttention(WhisperAttention):
             latent, k_kept = cache.layers[cache_idx].keys, cache.layers[cache_idx].values
             if cache_idx != self.layer_idx:
                 alias_cache_layer(cache, self.layer_idx, cache_idx)
+            src_len = key_value_states.shape[1]  # the frames cached (the decoder passes a pooled length)
         else:
             latent, k_kept = self.compress(key_value_states if is_cross_attention else hidden_states)
+            src_len = latent.shape[2]
             if int8_cache:  # the cache holds one packed int8 tensor in the keys slot and an empty values slot
                 packed = self.pack_int8(latent, k_kept)
                 latent, k_kept = cache.update(packed, packed[..., :0], cache_idx)
             elif cache is not None:
                 latent, k_kept = cache.update(latent, k_kept, cache_idx)
+        if is_cross_attention:  # a static cache holds as many rows as the encoder has frames, a pooled latent fewer
+            latent, k_kept = latent[:, :, :src_len], k_kept[:, :, :src_len]
         if int8_cache:
             latent, k_kept = self.unpack_int8(latent, query.dtype)
 
@@ -251,15 +262,19 @@ class WhisperMLAAttention(WhisperAttention):
 
 def alias_cache_layer(cache: Cache, layer_idx: int, source_idx: int) -> None:
     """Points cache layer `layer_idx` at layer `source_idx`'s tensors (no copy): every layer of a shared cross latent
-    then holds the same storage, so per-layer cache consumers (Whisper's output splitting, beam reorder) see it."""
+    then holds the same storage, so per-layer cache consumers (Whisper's output splitting, beam reorder) see it.
+
+    The layer takes the source's whole state (tensors, dtype, device, and a static layer's sizes and fill count), not
+    `lazy_initialization`, which would allocate a static layer's full buffers only to drop them."""
     while len(cache.layers) <= layer_idx and cache.layer_class_to_replicate is not None:  # as `Cache.update` does
         cache.layers.append(cache.layer_class_to_replicate())
     layer, source = cache.layers[layer_idx], cache.layers[source_idx]
     if layer.keys is source.keys:
         return
-    if not layer.is_initialized:
-        layer.lazy_initialization(source.keys, source.values)
-    layer.keys, layer.values = source.keys, source.values
+    if type(layer) is not type(source):
+        raise TypeError(f"A shared cross latent aliases cache layers of one kind, but found {type(layer).__name__} "
+                        f"(layer {layer_idx}) and {type(source).__name__} (layer {source_idx}).")
+    vars(layer).update(vars(source))
 
 
 def replace_attention_with_mla(model: WhisperModel, config: WhisperMLAConfig) -> None:
@@ -296,7 +311,11 @@ class WhisperMLADecoder(WhisperDecoder):
 
     def forward(self, *args, encoder_hidden_states=None, cache=None, **kwargs):
         cross_cached = isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0)
-        if encoder_hidden_states is not None and not cross_cached:
+        if encoder_hidden_states is not None and cross_cached and self.config.cross_latent_stride > 1:
+            # the blocks read the cached latent; its frame count, from this view's length, bounds a static cache's rows
+            frames = self.config.cross_latent_frames(encoder_hidden_states.shape[1])
+            encoder_hidden_states = encoder_hidden_states[:, :frames]
+        elif encoder_hidden_states is not None and not cross_cached:
             if self.config.cross_latent_stride > 1:
                 encoder_hidden_states = pool_frames(
                     encoder_hidden_states, self.config.cross_latent_stride, self.config.cross_latent_pooling
@@ -323,6 +342,10 @@ class WhisperMLAModel(WhisperMLAPreTrainedModel, WhisperModel):
 
 
 class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForConditionalGeneration):
+    # the ASR pipeline for a model object: pipeline("automatic-speech-recognition", model=model,
+    # pipeline_class=model.pipeline_class); a folder or Hub id finds it through config.custom_pipelines
+    pipeline_class = WhisperMLAPipeline
+
     def __init__(self, config: WhisperMLAConfig):
         WhisperMLAPreTrainedModel.__init__(self, config)
         self.model = WhisperMLAModel(config)
@@ -350,6 +373,38 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
             self.config.mla_attn_implementation, self.config.mla_cache_quantization = previous
             raise
         return self
+
+    def forward(self, input_features=None, *args, decoder_input_ids=None, decoder_inputs_embeds=None, labels=None,
+                **kwargs):
+        """Whisper's forward. Called with audio but no decoder input (no `decoder_input_ids`, `decoder_inputs_embeds`
+        or `labels`) it refuses by name: that is how transformers' ASR pipeline calls a model it takes for CTC."""
+        if input_features is not None and decoder_input_ids is None and decoder_inputs_embeds is None and labels is None:
+            raise ValueError(
+                "WhisperMLAForConditionalGeneration expects decoder_input_ids, decoder_inputs_embeds or labels beside "
+                "input_features (it is an encoder-decoder model), but found none: it was called as a CTC model. "
+                "transformers' ASR pipeline takes Whisper's path only for model_type 'whisper', so a pipeline built "
+                "from a loaded Whisper-MLA model decodes it as CTC. Fix: pass the checkpoint's folder or Hub id, "
+                "pipeline('automatic-speech-recognition', model=path, trust_remote_code=True), or keep the model "
+                "object and add pipeline_class=model.pipeline_class."
+            )
+        return super().forward(input_features, *args, decoder_input_ids=decoder_input_ids,
+                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, **kwargs)
+
+    def _prepare_decoder_input_ids_for_generation(self, batch_size, model_input_name, model_kwargs,
+                                                  decoder_start_token_id, device=None):
+        """Whisper's path: decoder_input_ids given to `generate` (Whisper's generate builds them from `prompt_ids`:
+        `<|startofprev|> prompt <|startoftranscript|> ...`) are used as given. `GenerationMixin` skips prepending the
+        decoder start token only for `model_type == "whisper"`; without this, every prompt gains a token in front."""
+        decoder_input_ids = None
+        if model_kwargs is not None and "decoder_input_ids" in model_kwargs:
+            decoder_input_ids = model_kwargs.pop("decoder_input_ids")
+        elif model_kwargs is not None and "input_ids" in model_kwargs and model_input_name != "input_ids":
+            decoder_input_ids = model_kwargs.pop("input_ids")
+        if decoder_input_ids is None:
+            return super()._prepare_decoder_input_ids_for_generation(
+                batch_size, model_input_name, model_kwargs, decoder_start_token_id, device
+            )
+        return decoder_input_ids, model_kwargs
 
     def _extract_token_timestamps(self, generate_outputs, alignment_heads, time_precision=0.02, num_frames=None,
                                   num_input_ids=None):
