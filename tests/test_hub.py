@@ -17,7 +17,7 @@ from hub_stand_in import DEFAULT_GITATTRIBUTES, hub_stand_in  # noqa: F401 (hub_
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 import run_finetune
 from test_remote_code import run_fresh
-from test_run_finetune import fast_args, sources  # noqa: F401 (sources: a fixture)
+from finetune_helpers import fast_args, sources  # noqa: F401 (sources: a fixture)
 from whisper_mla.hub import REMOTE_CODE_FILES, push_checkpoint
 
 

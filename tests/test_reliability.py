@@ -41,7 +41,7 @@ from whisper_mla.training.trainable import restore_lora_adapter, set_trainable
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
 
 
-from test_run_finetune import MLA_FLAGS, TEXTS
+from finetune_helpers import MLA_FLAGS, TEXTS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
