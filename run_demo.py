@@ -183,7 +183,7 @@ def plot(rows: list[dict], eval_names: list[str], title: str, path: str) -> None
     per model (right). Horizontal bars, so that the model names are written out in full."""
     names = [row["short_label"] for row in rows][::-1]  # first row on top
     colours = list(BAR_COLOURS[: len(rows)])[::-1]
-    fig, (cache_ax, wer_ax) = plt.subplots(1, 2, figsize=(12, 1.6 + 0.55 * len(rows) * max(1, len(eval_names) / 2)),
+    fig, (cache_ax, wer_ax) = plt.subplots(1, 2, figsize=(12, 2.2 + 0.55 * len(rows) * max(1, len(eval_names) / 2)),
                                            gridspec_kw={"width_ratios": [1, 1.3]})
     cache = [row["cache_per_utterance"] / 2**20 for row in rows][::-1]
     bars = cache_ax.barh(range(len(rows)), cache, color=colours)
@@ -194,6 +194,7 @@ def plot(rows: list[dict], eval_names: list[str], title: str, path: str) -> None
     cache_ax.set_yticks(range(len(rows)), names, fontsize=10)
     cache_ax.set_xlim(0, max(cache) * 1.45)
     cache_ax.set_title("Decoder cache of one 30 s utterance (MiB, lower is better)", fontsize=10)
+    cache_ax.set_xlabel("MiB (float32 unless int8; 1500 encoder frames + T decoder tokens)", fontsize=9)
     height = 0.8 / len(eval_names)
     for j, name in enumerate(eval_names):
         offsets = [i - (j - (len(eval_names) - 1) / 2) * height for i in range(len(rows))]  # first set on top
@@ -203,7 +204,8 @@ def plot(rows: list[dict], eval_names: list[str], title: str, path: str) -> None
     wer_ax.set_yticks(range(len(rows)), names, fontsize=10)
     wer_ax.set_xlim(0, max(row["wer"][name] for row in rows for name in eval_names) * 1.25)
     wer_ax.set_title("WER per held-out set (x100, normalised, lower is better)", fontsize=10)
-    wer_ax.legend(fontsize=9, loc="lower right")
+    wer_ax.set_xlabel("WER", fontsize=9)
+    wer_ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(eval_names), frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
