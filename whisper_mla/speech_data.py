@@ -328,6 +328,25 @@ def ensure_multi_speaker_speech(output_dir: Optional[str] = None, download_dir: 
     return {name: str(output_dir / f"{name}.json") for name in MULTI_MANIFEST_NAMES}
 
 
+def ensure_speech_sets(names, output_dir: Optional[str] = None) -> dict:
+    """Builds (once) only the speech sets named, and what they depend on: the Asterisk sets for real_eval or
+    real_train (seconds), the synthetic set for synthetic_train (minutes of speech synthesis), the held-out
+    multi-speaker sets for multi_eval or multi_eval_long. Names that are not speech sets (paths) are left alone.
+
+    Returns:
+        {name: manifest path} (strings) for each name that is a speech set.
+    """
+    wanted = set(names)
+    manifests = {}
+    if wanted & {"synthetic_train"}:
+        manifests |= ensure_speech_data(output_dir, multi_speaker=False)
+    elif wanted & {"real_eval", "real_train"}:
+        manifests |= {name: str(path) for name, path in ensure_real_speech(output_dir).items()}
+    if wanted & set(MULTI_MANIFEST_NAMES):
+        manifests |= ensure_multi_speaker_speech(output_dir)
+    return {name: path for name, path in manifests.items() if name in wanted}
+
+
 def build_synthetic_set(output_dir: Path, max_synthetic_clips: int, num_workers: int) -> None:
     """Synthesises `max_synthetic_clips` clips of the text pool, cycling voices, into synthetic_train.json."""
     info = {"data_version": DATA_VERSION, "voices": list(VOICES), "max_synthetic_clips": max_synthetic_clips}

@@ -9,7 +9,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from modeling_whisper_mla import WhisperMLAForConditionalGeneration
-from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio
+from whisper_mla.conversion import MLAArguments, convert_whisper_to_mla, load_calibration_audio, needs_calibration
 from whisper_mla.hub import register_remote_code
 from whisper_mla.io import checkpoint_config, from_pretrained_strict
 from whisper_mla.training.controls import check_control_flags, is_mla_model, reinitialise_low_rank_projections
@@ -90,7 +90,9 @@ def load_student_and_teacher(model_args, distill_args, mla_args, processor, seed
         student, mha = model.set_mla_runtime(attn_implementation=mla_args.mla_attn_implementation), None
     else:
         audios = None
-        if mla_args.calibration_data is not None:
+        if mla_args.calibration_data is not None and not needs_calibration(model.config, mla_args):
+            logger.info("--calibration_data is not read: these MLA settings are exact at every converted block.")
+        elif mla_args.calibration_data is not None:
             audios = load_calibration_audio(mla_args.calibration_data, mla_args.calibration_samples)
         student = convert_whisper_to_mla(model, mla_args, calibration_audio=audios,
                                          feature_extractor=processor.feature_extractor)
