@@ -1,13 +1,17 @@
 """Benchmark Whisper (MHA) against Whisper-MLA side by side: decoder cache bytes, peak memory and decode speed,
-measured in paired rounds (the method: `whisper_mla/benchmark_rounds.py`).
+measured in paired rounds (the method: `whisper_mla/benchmark_rounds.py`); or, with --find_max_batch, the largest
+batch each layout decodes within a memory budget and the throughput at it (`whisper_mla/capacity.py`,
+docs/capacity.md).
 
     python run_benchmark.py --size small --output_dir outputs/benchmark --batch_sizes 1 16 --new_tokens 64
+    python run_benchmark.py --find_max_batch --size small --num_beams 1 5 --new_tokens 100 --memory_budget 8GiB \
+        --output_dir outputs/capacity_small
     python run_benchmark.py --model_name_or_path openai/whisper-small --output_dir outputs/benchmark
     python run_benchmark.py --model_name_or_path openai/whisper-small --mla_model_name_or_path MLA_CKPT \
         --output_dir outputs/benchmark
 
-Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots, all
-at once at the end: an existing OUTPUT_DIR is refused unless --overwrite_output_dir (then replaced as a whole); while
+Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots
+(--find_max_batch: capacity.json, capacity.md, capacity.png), all at once at the end: an existing OUTPUT_DIR is refused unless --overwrite_output_dir (then replaced as a whole); while
 the run lasts, results.json grows in a hidden `.OUTPUT_DIR.tmp-*` sibling.
 """
 
@@ -43,6 +47,7 @@ from whisper_mla.benchmark_report import (
     run_warnings,
     write_reports,
 )
+from whisper_mla.capacity import CAPACITY_LAYOUTS, CAPACITY_OUTPUT_FILES, run_capacity
 from whisper_mla.benchmark_rounds import (
     SPREAD_LIMIT,
     cpu_snapshot,
@@ -106,11 +111,86 @@ class BenchmarkArguments:
                   "slowest thread, so one busy core slows it unevenly; raise it on an idle machine."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of random weights and random audio features."})
+    static_compile: bool = field(
+        default=False,
+        metadata={"help": "transformers' documented fast path for Whisper, for MHA and MLA alike: "
+                  "generation_config.cache_implementation='static' and model.forward = torch.compile(model.forward, "
+                  "mode='reduce-overhead', fullgraph=True); the untimed warm-up generation compiles."},
+    )
+    find_max_batch: bool = field(
+        default=False,
+        metadata={"help": "Instead of the speed grid: the largest batch of 30 s utterances each --capacity_layouts "
+                  "layout decodes within --memory_budget, for each --num_beams and --new_tokens (T), each try in a "
+                  "child process refused or killed before it exceeds the budget; then the decode throughput at each "
+                  "layout's largest batch in paired rounds (docs/capacity.md). Random weights of the model's shapes."},
+    )
+    memory_budget: str | None = field(
+        default=None,
+        metadata={"help": "--find_max_batch: the memory a try may use, e.g. 8GiB (peak RSS on a CPU, "
+                  "torch.cuda.max_memory_allocated on a GPU). Default: what is available now minus 2 GiB (CPU) or "
+                  "the GPU's free memory minus 1 GiB."},
+    )
+    capacity_layouts: list[str] = field(
+        default_factory=lambda: list(CAPACITY_LAYOUTS),
+        metadata={"help": "--find_max_batch: the layouts searched (mha first for the ratios).",
+                  "choices": list(CAPACITY_LAYOUTS)},
+    )
+    decode_steps: int = field(
+        default=2,
+        metadata={"help": "--find_max_batch: real generate() steps of each try, at the end of the T tokens (the cache "
+                  "before them is built by the model's forward; T decodes every token for real); the steps after "
+                  "the first are timed for the throughput (2 or more for it)."},
+    )
+    search_tolerance: float = field(
+        default=0.05,
+        metadata={"help": "--find_max_batch: stop once the smallest batch over the budget is within this share of the "
+                  "largest within it (1 batch at least)."},
+    )
+    max_tries: int = field(default=8, metadata={"help": "--find_max_batch: tries per layout, beams and T at most."})
+    throughput_rounds: int = field(
+        default=3, metadata={"help": "--find_max_batch: paired rounds of throughput at the largest batches (0: none)."}
+    )
+    throughput_layouts: list[str] = field(
+        default_factory=lambda: list(CAPACITY_LAYOUTS),
+        metadata={"help": "--find_max_batch: the layouts whose throughput is measured.",
+                  "choices": list(CAPACITY_LAYOUTS)},
+    )
+    encoder_batch: int = field(
+        default=1,
+        metadata={"help": "--find_max_batch: utterances per encoder chunk, whose peak memory and time per utterance "
+                  "are measured once (the throughput's encoder share)."},
+    )
+
+
+def output_files(args: BenchmarkArguments) -> tuple[str, ...]:
+    return CAPACITY_OUTPUT_FILES if args.find_max_batch else OUTPUT_FILES
+
+
+def validate_capacity_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None:
+    """--find_max_batch measures fixed layouts of random weights: converter settings and an MLA checkpoint do not
+    apply, and the search's numbers must be sane."""
+    changed = [f"--{f.name}" for f in dataclasses.fields(MLAArguments)
+               if getattr(mla_args, f.name) != getattr(MLAArguments(), f.name)]
+    if changed or args.mla_model_name_or_path is not None:
+        raise ValueError(
+            f"--find_max_batch measures the layouts of --capacity_layouts with random weights, but found converter "
+            f"settings {changed + (['--mla_model_name_or_path'] if args.mla_model_name_or_path else [])}; drop them "
+            "(the layouts are whisper_mla.capacity.CAPACITY_LAYOUTS)."
+        )
+    if args.decode_steps < (2 if args.throughput_rounds else 1) or args.max_tries < 2 or args.encoder_batch < 1 \
+            or args.throughput_rounds < 0 or not 0 <= args.search_tolerance < 1:
+        raise ValueError(
+            f"Expected decode_steps >= 1 (2 or more with throughput_rounds), max_tries >= 2, encoder_batch >= 1, "
+            f"throughput_rounds >= 0 and 0 <= search_tolerance < 1, but found {args.decode_steps}, {args.max_tries}, "
+            f"{args.encoder_batch}, {args.throughput_rounds}, {args.search_tolerance}; fix them."
+        )
 
 
 def validate_arguments(args: BenchmarkArguments, mla_args: MLAArguments) -> None:
     """Fails early, naming what was expected; resolves dtype "auto"."""
-    check_output_dir(args.output_dir, args.overwrite_output_dir, allowed=OUTPUT_FILES)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, allowed=output_files(args))
+    if args.find_max_batch:
+        validate_capacity_arguments(args, mla_args)
     if (args.model_name_or_path is None) == (args.size is None):
         raise ValueError(
             f"Expected exactly one of --model_name_or_path or --size, but found model_name_or_path="
@@ -161,6 +241,11 @@ def main():
     # 1. Check the arguments before any expensive work; note the machine's load before this run adds to it.
     validate_arguments(args, mla_args)
     transformers.logging.set_verbosity_error()
+    if args.find_max_batch:  # 2'. the capacity search instead of the speed grid
+        with atomic_output_dir(args.output_dir, args.overwrite_output_dir, allowed=CAPACITY_OUTPUT_FILES) as out:
+            run_capacity(args, out, sys.argv[1:])
+        print(f"Wrote capacity.json, capacity.md and capacity.png to {args.output_dir}.")
+        return
     load_before = sample_load(2.0)
     started = cpu_snapshot()
 
@@ -184,6 +269,9 @@ def main():
             "device": f"{args.device}: {common['device_name']}, torch threads per worker: {args.num_threads}",
             "dtype": args.dtype,
             "attention kernel (MHA, naive MLA)": args.attn_implementation,
+            "cache and forward": "static cache, forward compiled with torch.compile(mode='reduce-overhead', "
+                                 "fullgraph=True) (transformers' Whisper recipe)" if args.static_compile else
+                                 "dynamic cache, eager forward",
             "MLA": "; ".join(
                 f"{', '.join(names)}: {', '.join(s['mla_targets'])}, kv_lora_rank {s['kv_lora_rank']}, kept_key_dims "
                 f"{s['kept_key_dims']}, " + (f"one cross latent of width {s['shared_cross_rank']} for all layers"
@@ -207,7 +295,8 @@ def main():
                     dict(model_dir=folder, attention=attention,
                          batch_size=batch, num_beams=beams, new_tokens=n, repeats=args.repeats, device=args.device,
                          dtype=args.dtype, attn_implementation=args.attn_implementation,
-                         num_threads=args.num_threads, share=args.share_cross_latent_across_beams, seed=args.seed)
+                         num_threads=args.num_threads, share=args.share_cross_latent_across_beams, seed=args.seed,
+                         static_compile=args.static_compile)
                     for attention, folder in folders.items()
                 ]
                 records, log = measure_grid_point(settings, args.rounds, progress)

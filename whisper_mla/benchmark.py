@@ -241,16 +241,44 @@ def timed_generate(model, encoder_hidden, new_tokens: int, num_beams: int,
     rather than read from `return_dict_in_generate`, which would copy it per sample; it is freed on return.
     """
     timer = StepTimer(synchronize=encoder_hidden.is_cuda, delay_s=step_delay_s)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    static = getattr(model.generation_config, "cache_implementation", None) == "static"
+    # a static cache is made by generate itself (as a user gets it); `capture_cache` keeps a handle on it
+    cache = capture_cache(model) if static else EncoderDecoderCache(DynamicCache(), DynamicCache())
     start = now(encoder_hidden.is_cuda)
     # a fresh BaseModelOutput each time: beam search expands it in place
-    model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), cache=cache,
-                   logits_processor=LogitsProcessorList([timer]), **generation_kwargs(model, new_tokens, num_beams))
+    model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
+                   **({} if static else dict(cache=cache)), logits_processor=LogitsProcessorList([timer]),
+                   **generation_kwargs(model, new_tokens, num_beams))
+    if static:
+        cache = cache.pop()
     if len(timer.times) != new_tokens:
         raise RuntimeError(f"Expected {new_tokens} decoding steps, but found {len(timer.times)}.")
     decode_cpu_s = timer.cpu_times[-1] - timer.cpu_times[0]
     return (timer.times[0] - start, timer.times[-1] - timer.times[0], decode_cpu_s, cache_nbytes(cache),
-            cache.get_seq_length())
+            int(cache.get_seq_length()))
+
+
+def capture_cache(model) -> list:
+    """A list that receives the cache generate() prepares for itself (a static cache) on its next call."""
+    caches, prepare = [], model._prepare_cache_for_generation
+
+    def prepare_and_keep(generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(generation_config, model_kwargs, *args, **kwargs)
+        caches.append(model_kwargs.get("cache", model_kwargs.get("past_key_values")))
+        model._prepare_cache_for_generation = prepare  # once
+        return result
+
+    model._prepare_cache_for_generation = prepare_and_keep
+    return caches
+
+
+def compile_static(model) -> None:
+    """transformers' documented fast path for Whisper: a static cache and the forward compiled with torch.compile
+    (mode "reduce-overhead", fullgraph). generate's own auto-compilation (GPU only) is switched off, so MHA and MLA
+    run exactly this compiled forward."""
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
 
 def peak_rss_bytes() -> int:
@@ -284,6 +312,8 @@ def run_worker(setting: dict) -> None:
         overrides = dict(MLA_VARIANTS[attention]["config"], share_cross_latent_across_beams=setting["share"])
     model = model_class.from_pretrained(setting["model_dir"], dtype=dtype, **overrides,
                                         attn_implementation=setting["attn_implementation"]).to(device).eval()
+    if setting.get("static_compile"):
+        compile_static(model)
     generator = torch.Generator().manual_seed(setting["seed"])
     features = torch.randn(batch, model.config.num_mel_bins, AUDIO_FRAMES, generator=generator).to(device, dtype)
     if device.type == "cuda":
@@ -294,7 +324,17 @@ def run_worker(setting: dict) -> None:
         start = now(device.type == "cuda")
         encoder_hidden = model.model.encoder(features).last_hidden_state  # once: the same for every round
         encoder_s = now(device.type == "cuda") - start
-        timed_generate(model, encoder_hidden, 2, beams)  # warm-up of the decoder at this batch size
+        # warm-up of the decoder at this batch size; compiled, at the timed length (a longer static cache recompiles)
+        try:
+            timed_generate(model, encoder_hidden, new_tokens if setting.get("static_compile") else 2, beams)
+        except Exception as error:
+            if not setting.get("static_compile"):
+                raise
+            raise RuntimeError(
+                f"--static_compile expects {attention} to decode with a static cache and a compiled forward, but it "
+                f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:300]}. Fix: leave "
+                f"--static_compile out, or measure only what supports it (--attentions mha)."
+            ) from error
         send({"encoder_s": encoder_s})  # only now: the parent measures nothing while a worker is busy starting
         while (request := json.loads(sys.stdin.readline() or "{}")).get("round") is not None:
             delay = injected_step_delay(attention, request["round"])

@@ -160,9 +160,15 @@ def paired_ratios(records: list[dict]) -> list[dict]:
                 if any(r.get(metric) is None for r in mla["rounds"] + mha["rounds"]):
                     continue  # CPU time on a GPU
                 values = [r[metric] / mha_rounds[r["round"]][metric] for r in mla["rounds"]]
-                median = statistics.median(values)
-                spread = (max(values) - min(values)) / median
                 ratios.append(dict(batch_size=batch, num_beams=beams, new_tokens=new_tokens, attention=attention,
-                                   metric=metric, median=median, min=min(values), max=max(values), spread=spread,
-                                   steady=spread <= SPREAD_LIMIT, rounds=values))
+                                   metric=metric, **summarise_ratio(values)))
     return ratios
+
+
+def summarise_ratio(values: list[float]) -> dict:
+    """A ratio measured once per round: its median, min, max, spread ((max - min) / median) and whether the spread
+    stays within SPREAD_LIMIT, with the per-round values."""
+    median = statistics.median(values)
+    spread = (max(values) - min(values)) / median
+    return dict(median=median, min=min(values), max=max(values), spread=spread, steady=spread <= SPREAD_LIMIT,
+                rounds=values)
