@@ -76,6 +76,7 @@ LAYOUT_LABELS = {"mha": "MHA", "mla-default": "MLA exact default", "mla-default-
 REFUSE_MARGIN = 0.10  # a try predicted above budget * (1 + this) is refused; closer ones run under the watchdog
 WATCH_INTERVAL_S = 0.02  # RSS poll period of the watchdog
 MACHINE_FLOOR_BYTES = GIB  # a try is killed when the machine's available memory falls under this
+MACHINE_RETRIES, MACHINE_WAIT_S = 3, 60  # a try killed for the machine's sake is retried this often, after this wait
 ADDRESS_SPACE_SLACK = 3 * GIB  # RLIMIT_AS = budget + this: virtual memory a torch process maps beyond its RSS
 DEFAULT_MARGIN = dict(cpu=2 * GIB, cuda=GIB)  # default budget: available memory minus this
 RUNTIME_BYTES = dict(cpu=450 * MIB, cuda=0)  # Python, torch and transformers resident before any tensor (first guess)
@@ -319,7 +320,9 @@ def child_main(setting: dict) -> None:
 
 def supervise(setting: dict, budget: int, timeout_s: float | None = None) -> dict:
     """Runs one try in a child under the watchdog. Returns {"status": "ok", **result}, or {"status": "killed" |
-    "out_of_memory" | "error", "reason", "max_rss_bytes", "phase"}; never raises for the child's failures."""
+    "out_of_memory" | "machine_low" | "error", "reason", "max_rss_bytes", "phase"}; never raises for the child's
+    failures. "machine_low": other processes left the machine under MACHINE_FLOOR_BYTES, which says nothing about
+    the try's own need."""
     setting = dict(setting, budget_bytes=budget)
     stderr = tempfile.TemporaryFile(mode="w+")
     env = dict(os.environ, OMP_NUM_THREADS=str(setting["num_threads"]))
@@ -336,7 +339,7 @@ def supervise(setting: dict, budget: int, timeout_s: float | None = None) -> dic
     messages = []
     reader = threading.Thread(target=lambda: messages.extend(json.loads(line) for line in proc.stdout), daemon=True)
     reader.start()
-    watched, max_rss, killed, start = psutil.Process(proc.pid), 0, None, time.monotonic()
+    watched, max_rss, killed, status, start = psutil.Process(proc.pid), 0, None, "killed", time.monotonic()
     while proc.poll() is None:
         try:
             rss = watched.memory_info().rss
@@ -346,9 +349,10 @@ def supervise(setting: dict, budget: int, timeout_s: float | None = None) -> dic
         if cpu and rss > budget:
             killed = f"RSS {rss / GIB:.2f} GiB above the budget {budget / GIB:.2f} GiB"
         elif psutil.virtual_memory().available < MACHINE_FLOOR_BYTES:
-            killed = f"the machine's available memory fell under {MACHINE_FLOOR_BYTES / GIB:.1f} GiB"
+            killed, status = (f"the machine's available memory fell under {MACHINE_FLOOR_BYTES / GIB:.1f} GiB "
+                              f"(this try: {rss / GIB:.2f} GiB)"), "machine_low"
         elif timeout_s is not None and time.monotonic() - start > timeout_s:
-            killed = f"over the {timeout_s:.0f} s time limit"
+            killed, status = f"over the {timeout_s:.0f} s time limit", "error"
         if killed:
             proc.kill()
             break
@@ -361,7 +365,7 @@ def supervise(setting: dict, budget: int, timeout_s: float | None = None) -> dic
     phases = [m["phase"] for m in messages if "phase" in m]
     common = dict(max_rss_bytes=max_rss, phase=phases[-1] if phases else "starting", seconds=time.monotonic() - start)
     if killed:
-        return dict(status="killed", reason=killed, **common)
+        return dict(status=status, reason=killed, **common)
     final = next((m for m in messages if "result" in m or "error" in m), None)
     if final is None:
         return dict(status="error", reason=f"exit {code} without a result: {tail.strip()[-300:]}", **common)
@@ -404,6 +408,12 @@ def find_max_batch(setting: dict, budget: int, base: int, slope: int, tolerance:
                                                     f"{budget / GIB:.2f} GiB + {REFUSE_MARGIN:.0%}")
         else:
             outcome = supervise(dict(setting, batch_size=candidate), budget)
+            for _ in range(MACHINE_RETRIES):  # the machine, not the try, ran short: wait and try again
+                if outcome["status"] != "machine_low":
+                    break
+                log(f"  {outcome['reason']}: retrying batch {candidate} in {MACHINE_WAIT_S} s")
+                time.sleep(MACHINE_WAIT_S)
+                outcome = supervise(dict(setting, batch_size=candidate), budget)
         outcome.update(batch_size=candidate, predicted_bytes=predicted)
         tries.append(outcome)
         fitted = outcome["status"] == "ok" and outcome["peak_memory_bytes"] <= budget
@@ -412,8 +422,8 @@ def find_max_batch(setting: dict, budget: int, base: int, slope: int, tolerance:
                f" ({outcome['reason'][:160]})") + f", predicted {predicted / GIB:.2f} GiB")
         if fitted:
             fits[candidate] = outcome["peak_memory_bytes"]
-        elif outcome["status"] == "error":  # neither fits nor exceeds: a bug, not a limit
-            return dict(max_batch=max(fits, default=0), fail_batch=None, tries=tries, stopped="error")
+        elif outcome["status"] in ("error", "machine_low"):  # neither fits nor exceeds: no limit found
+            return dict(max_batch=max(fits, default=0), fail_batch=None, tries=tries, stopped=outcome["status"])
         else:
             fails[candidate] = outcome["status"]
         lo, hi = max(fits, default=0), min(fails, default=None)
