@@ -155,6 +155,12 @@ class BenchmarkArguments:
         metadata={"help": "--find_max_batch: the layouts whose throughput is measured.",
                   "choices": list(CAPACITY_LAYOUTS)},
     )
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "--find_max_batch: an earlier run's capacity.json (same shapes, dtype, device, budget and "
+                  "decode steps): its largest batches are reused, not searched again (e.g. to measure the throughput "
+                  "of an interrupted run)."},
+    )
     encoder_batch: int = field(
         default=1,
         metadata={"help": "--find_max_batch: utterances per encoder chunk, whose peak memory and time per utterance "

@@ -22,6 +22,7 @@ from whisper_mla.capacity import (
     PROMPT_TOKENS,
     build_model,
     bytes_per_utterance,
+    earlier_searches,
     fill_cache,
     find_max_batch,
     layout_config,
@@ -159,3 +160,15 @@ def test_cli_refuses_converter_settings(tmp_path):
                                            "--output_dir", str(tmp_path / "x")], cwd=ROOT)
     assert proc.returncode == 1
     assert "--find_max_batch measures the layouts" in proc.stderr and "--kv_lora_rank" in proc.stderr
+
+
+def test_resume_reuses_only_a_run_of_the_same_settings(tmp_path):
+    run = dict(size="small", model_name_or_path=None, dtype="float32", device="cpu", budget_bytes=GIB,
+               decode_steps=2, attn_implementation="sdpa")
+    search = dict(layout="mha", num_beams=5, new_tokens=100, max_batch=7)
+    path = tmp_path / "capacity.json"
+    path.write_text(json.dumps(dict(run=run, searches=[search])))
+    assert earlier_searches(str(path), run) == {("mha", 5, 100): search}
+    with pytest.raises(ValueError, match=r"same settings, but found \(earlier, now\) \{'budget_bytes'"):
+        earlier_searches(str(path), dict(run, budget_bytes=2 * GIB))
+    assert earlier_searches(None, run) == {}

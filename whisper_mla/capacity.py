@@ -533,10 +533,16 @@ def run_capacity(args, output_dir: str, command: list[str], log=print) -> dict:
         f"{results['encoder']['encoder_s_per_utterance']:.1f} s per utterance" if results['encoder']['status'] == 'ok'
         else f" ({results['encoder']['reason'][:200]})"))
 
-    # 2. The largest batch of each layout.
+    # 2. The largest batch of each layout (or the one an earlier run of the same model, dtype and budget found).
+    earlier = earlier_searches(args.resume_from, results["run"])
     for new_tokens in args.new_tokens:
         for beams in args.num_beams:
             for layout, config in configs.items():
+                if (layout, beams, new_tokens) in earlier:
+                    log(f"  {layout} beams {beams}: largest batch {earlier[layout, beams, new_tokens]['max_batch']} "
+                        f"from {args.resume_from}")
+                    results["searches"].append(dict(earlier[layout, beams, new_tokens], resumed_from=args.resume_from))
+                    continue
                 setting = dict(common, layout=layout, mode="decode", num_beams=beams, new_tokens=new_tokens,
                                decode_steps=min(args.decode_steps, new_tokens))
                 base = weights[layout] + RUNTIME_BYTES[args.device.split(":")[0]]
@@ -573,6 +579,21 @@ def run_capacity(args, output_dir: str, command: list[str], log=print) -> dict:
         f.write(markdown_report(results))
     plot_capacity(results, os.path.join(output_dir, "capacity.png"))
     return results
+
+
+def earlier_searches(path: str | None, run: dict) -> dict:
+    """{(layout, beams, new tokens): search} of an earlier capacity.json, refused unless it measured the same shapes,
+    dtype, device, budget and decode steps."""
+    if path is None:
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    keys = ("size", "model_name_or_path", "dtype", "device", "budget_bytes", "decode_steps", "attn_implementation")
+    different = {k: (earlier["run"].get(k), run.get(k)) for k in keys if earlier["run"].get(k) != run.get(k)}
+    if different:
+        raise ValueError(f"--resume_from expects a run of the same settings, but found (earlier, now) {different} in "
+                         f"{path}; pass the same settings or leave --resume_from out.")
+    return {(s["layout"], s["num_beams"], s["new_tokens"]): s for s in earlier["searches"]}
 
 
 def write_json(results: dict, output_dir: str) -> None:
