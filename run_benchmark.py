@@ -11,8 +11,9 @@ docs/capacity.md).
         --output_dir outputs/benchmark
 
 Writes OUTPUT_DIR/results.json (run, load, records, paired ratios, rounds, warnings), results.md and PNG plots
-(--find_max_batch: capacity.json, capacity.md, capacity.png), all at once at the end: an existing OUTPUT_DIR is refused unless --overwrite_output_dir (then replaced as a whole); while
-the run lasts, results.json grows in a hidden `.OUTPUT_DIR.tmp-*` sibling.
+(--find_max_batch: capacity.json, capacity.md, capacity.png), all at once at the end: an existing OUTPUT_DIR is
+refused unless --overwrite_output_dir (then replaced as a whole); while the run lasts, results.json (capacity.json)
+grows in a hidden `.OUTPUT_DIR.tmp-*` sibling.
 """
 
 import dataclasses

@@ -23,8 +23,9 @@ T-step decode might add over the filled cache (allocator fragmentation over T st
 Safety: each try runs in a child; a try whose predicted footprint (analytic bytes, then a line through the measured
 tries) exceeds the budget by more than `REFUSE_MARGIN` is refused before it starts; on a CPU the parent polls the
 child's RSS every `WATCH_INTERVAL_S` and kills it above the budget, or when the machine's available memory falls under
-`MACHINE_FLOOR_BYTES`; an address-space limit (budget + `ADDRESS_SPACE_SLACK`) backs the watchdog up. On a GPU the child caps its allocator at the budget (`torch.cuda.set_per_process_memory_fraction`), so
-a try over it fails with an out-of-memory error.
+`MACHINE_FLOOR_BYTES`; an address-space limit (budget + `ADDRESS_SPACE_SLACK`) backs the watchdog up. On a GPU the
+child caps its allocator at the budget (`torch.cuda.set_per_process_memory_fraction`), so a try over it fails with an
+out-of-memory error.
 """
 
 import json
@@ -651,7 +652,8 @@ def markdown_report(results: dict) -> str:
             for layout, rounds in t["measured"].items():
                 if not rounds:
                     lines.append(f"| {t['new_tokens']} | {t['num_beams']} | {LAYOUT_LABELS[layout]} | "
-                                 f"{t['batch_sizes'][layout]} | failed: {t['errors'].get(layout, '')[:80]} |" + " |" * 4)
+                                 f"{t['batch_sizes'][layout]} | failed: {t['errors'].get(layout, '')[:80]} |"
+                                 + " |" * 4)
                     continue
                 speed = median_range([r["decode_tokens_per_s"] for r in rounds])
                 step_s = statistics.median(r["decode_step_s"] for r in rounds)
@@ -721,7 +723,8 @@ def plot_capacity(results: dict, path: str) -> None:
                 bars = ax.bar(xs, ys, width, yerr=[lows, highs], capsize=3, color=colors[i % len(colors)],
                               label=LAYOUT_LABELS[layout])
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set(ylabel="decode tokens/s at the largest batch", title="throughput at the limit (paired rounds)")
+        ax.set(yscale="log", ylabel="decode tokens/s at the largest batch",
+               title="throughput at the limit (paired rounds)")
         ax.set_xticks([j + width * (len(layouts) - 1) / 2 for j in range(len(groups))],
                       [f"T={t}, beams {b}" for t, b in groups])
         ax.grid(alpha=0.3, axis="y")
