@@ -340,6 +340,23 @@ class WhisperMLAModel(WhisperMLAPreTrainedModel, WhisperModel):
         replace_attention_with_mla(self, config)
         self.post_init()
 
+    def forward(self, input_features=None, *args, decoder_input_ids=None, decoder_inputs_embeds=None, **kwargs):
+        """Whisper's forward. Called with audio but no decoder input (no `decoder_input_ids` or
+        `decoder_inputs_embeds`; labels become decoder_input_ids before this) it refuses by name: that is how
+        transformers' ASR pipeline calls a model it takes for CTC. (Here and not in the head's forward, whose
+        signature `generate` reads to validate its kwargs.)"""
+        if input_features is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError(
+                "WhisperMLAForConditionalGeneration expects decoder_input_ids, decoder_inputs_embeds or labels beside "
+                "input_features (it is an encoder-decoder model), but found none: it was called as a CTC model. "
+                "transformers' ASR pipeline takes Whisper's path only for model_type 'whisper', so a pipeline built "
+                "from a loaded Whisper-MLA model decodes it as CTC. Fix: pass the checkpoint's folder or Hub id, "
+                "pipeline('automatic-speech-recognition', model=path, trust_remote_code=True), or keep the model "
+                "object and add pipeline_class=model.pipeline_class."
+            )
+        return super().forward(input_features, *args, decoder_input_ids=decoder_input_ids,
+                               decoder_inputs_embeds=decoder_inputs_embeds, **kwargs)
+
 
 class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForConditionalGeneration):
     # the ASR pipeline for a model object: pipeline("automatic-speech-recognition", model=model,
@@ -373,22 +390,6 @@ class WhisperMLAForConditionalGeneration(WhisperMLAPreTrainedModel, WhisperForCo
             self.config.mla_attn_implementation, self.config.mla_cache_quantization = previous
             raise
         return self
-
-    def forward(self, input_features=None, *args, decoder_input_ids=None, decoder_inputs_embeds=None, labels=None,
-                **kwargs):
-        """Whisper's forward. Called with audio but no decoder input (no `decoder_input_ids`, `decoder_inputs_embeds`
-        or `labels`) it refuses by name: that is how transformers' ASR pipeline calls a model it takes for CTC."""
-        if input_features is not None and decoder_input_ids is None and decoder_inputs_embeds is None and labels is None:
-            raise ValueError(
-                "WhisperMLAForConditionalGeneration expects decoder_input_ids, decoder_inputs_embeds or labels beside "
-                "input_features (it is an encoder-decoder model), but found none: it was called as a CTC model. "
-                "transformers' ASR pipeline takes Whisper's path only for model_type 'whisper', so a pipeline built "
-                "from a loaded Whisper-MLA model decodes it as CTC. Fix: pass the checkpoint's folder or Hub id, "
-                "pipeline('automatic-speech-recognition', model=path, trust_remote_code=True), or keep the model "
-                "object and add pipeline_class=model.pipeline_class."
-            )
-        return super().forward(input_features, *args, decoder_input_ids=decoder_input_ids,
-                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, **kwargs)
 
     def _prepare_decoder_input_ids_for_generation(self, batch_size, model_input_name, model_kwargs,
                                                   decoder_start_token_id, device=None):

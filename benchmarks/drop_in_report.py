@@ -1,0 +1,87 @@
+"""The drop-in matrix on lossy layouts: how far the int8 cache and pooled cross frames move each generate() option.
+
+The exact default is asserted equal to the original in tests/test_drop_in.py; these layouts are not exact, so this
+script runs the same cases (`whisper_mla.drop_in.cases`) on them, checks that every case runs, and reports what
+differs from the original (rows of sequences, score gaps, segments) as a Markdown table and JSON.
+
+    python benchmarks/drop_in_report.py --model tiny.en --output_dir outputs/drop_in
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from the checkout, like the run_*.py scripts
+from whisper_mla import drop_in  # noqa: E402
+from whisper_mla.conversion import convert_whisper_to_mla  # noqa: E402
+from whisper_mla.io import write_json_atomic  # noqa: E402
+from whisper_mla.packaged_models import ensure_packaged_model  # noqa: E402
+from whisper_mla.speech_data import ensure_multi_speaker_speech  # noqa: E402
+
+# name -> converter settings; each runs the matrix against the original
+LAYOUTS = {
+    "exact default": {},
+    "int8 cache": {"mla_cache_quantization": "int8"},
+    "cross frames pooled by 3": {"cross_latent_stride": 3},
+}
+
+
+@dataclass
+class ReportArguments:
+    model: str = field(default="tiny.en", metadata={"help": "Packaged real Whisper: tiny.en or base."})
+    output_dir: str = field(default="outputs/drop_in", metadata={"help": "Where drop_in.md and drop_in.json go."})
+    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS), metadata={"help": f"Of {list(LAYOUTS)}."})
+
+
+def main():
+    (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses()
+    unknown = [name for name in args.layouts if name not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"Expected --layouts among {list(LAYOUTS)}, but found {unknown}; quote names with spaces.")
+    # 1. the original, its inputs and the matrix
+    folder = ensure_packaged_model(args.model)
+    processor = AutoProcessor.from_pretrained(folder)
+    mha = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    sets = ensure_multi_speaker_speech()
+    short = drop_in.read_clips(sets["multi_eval"], drop_in.SHORT_CLIP_IDS)
+    long = drop_in.read_clips(sets["multi_eval_long"], [drop_in.LONG_CLIP_ID])[0]
+    inputs = drop_in.model_inputs(processor, short, long)
+    cases = [c for c in drop_in.cases(processor.get_prompt_ids("Asterisk, Kennedy, Montreal.", return_tensors="pt"))
+             if mha.generation_config.is_multilingual or not c.multilingual]
+    reference = {c.name: drop_in.outputs_of(drop_in.generate(mha, inputs[c.inputs], c.kwargs), c.compare)
+                 for c in cases}
+    # 2. each layout through every case
+    rows = {}
+    for layout in args.layouts:
+        mla = convert_whisper_to_mla(mha, **LAYOUTS[layout]).eval()
+        rows[layout] = {}
+        for case in cases:
+            start = time.perf_counter()
+            try:
+                found = drop_in.outputs_of(drop_in.generate(mla, inputs[case.inputs], case.kwargs), case.compare)
+                result = drop_in.differences(reference[case.name], found) or ["same"]
+            except Exception as error:  # a case that fails is what this report exists to show
+                result = [f"FAILED: {type(error).__name__}: {str(error)[:200]}"]
+            rows[layout][case.name] = result
+            print(f"{layout} | {case.name}: {'; '.join(result)} ({time.perf_counter() - start:.1f} s)", flush=True)
+    # 3. the report
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "drop_in.json", {"model": args.model, "rows": rows})
+    lines = [f"| option ({args.model}) | " + " | ".join(args.layouts) + " |", "|---" * (len(args.layouts) + 1) + "|"]
+    for case in cases:
+        lines.append(f"| {case.name} | " + " | ".join("; ".join(rows[lay][case.name]) for lay in args.layouts) + " |")
+    (out / "drop_in.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    failed = [(lay, name) for lay in rows for name, result in rows[lay].items() if result[0].startswith("FAILED")]
+    if failed:
+        raise SystemExit(f"Expected every case to run on every layout, but {len(failed)} failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
