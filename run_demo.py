@@ -66,9 +66,9 @@ INT8_NOTE = ("int8 cells can differ by a few words between machines on long reco
              "1e-6-sized float differences of another CPU's kernels into whole steps of a few cached values (about 7 "
              "of 576,000 per 30 s window), and greedy long-form decoding carries a changed token into the next "
              "windows. On tiny.en's multi_eval_long, relative noise of 1e-6 / 1e-5 on the cached latent gave int8 WER "
-             "10.45-10.66 (4 draws) / 9.81-10.87 (6 draws), the float rows 9.38 every time. On one machine it is "
-             "repeatable: 1 or 2 threads give the same WER, and the encoder output (the cached cross latent) is "
-             "bitwise equal across thread counts and batch sizes.")
+             "10.45-10.66 (4 draws) / 9.81-10.87 (6 draws), the float rows 9.38 every time. On one machine a rerun "
+             "repeats it exactly, with 1 or 2 threads; --batch_size 1 instead of 16 changed one word (10.66: "
+             "'gaudy' read as 'godly'), the float rows again not at all.")
 BAR_COLOURS = ("#888888", "#2a7ab9", "#7fb3dd", "#b07a2a", "#3a9a5b", "#9a3a7a", "#5b5b9a")
 
 
