@@ -703,6 +703,7 @@ def plot_capacity(results: dict, path: str) -> None:
                       color=colors[i % len(colors)])
         ax.bar_label(bars, fontsize=7)
     ax.set(yscale="log", ylabel="largest batch of 30 s utterances", title="largest batch within the budget")
+    ax.set_ylim(bottom=0.8)  # a bar of 1 or 4 stays visible on the log scale
     ax.set_xticks([j + width * (len(layouts) - 1) / 2 for j in range(len(groups))],
                   [f"T={t}, beams {b}" for t, b in groups])
     ax.grid(alpha=0.3, axis="y")
