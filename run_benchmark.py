@@ -178,6 +178,9 @@ def validate_capacity_arguments(args: BenchmarkArguments, mla_args: MLAArguments
     apply, and the search's numbers must be sane."""
     changed = [f"--{f.name}" for f in dataclasses.fields(MLAArguments)
                if getattr(mla_args, f.name) != getattr(MLAArguments(), f.name)]
+    if args.static_compile:
+        raise ValueError("--find_max_batch measures the dynamic cache generate() uses by default, but found "
+                         "--static_compile; drop one of them (a static cache preallocates max_length tokens).")
     if changed or args.mla_model_name_or_path is not None:
         raise ValueError(
             f"--find_max_batch measures the layouts of --capacity_layouts with random weights, but found converter "
