@@ -10,7 +10,7 @@ differs from the original (rows of sequences, score gaps, segments) as a Markdow
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,10 @@ class ReportArguments:
     model: str = field(default="tiny.en", metadata={"help": "Packaged real Whisper: tiny.en or base."})
     output_dir: str = field(default="outputs/drop_in", metadata={"help": "Where drop_in.md and drop_in.json go."})
     layouts: list[str] = field(default_factory=lambda: list(LAYOUTS), metadata={"help": f"Of {list(LAYOUTS)}."})
+    long_clip_ids: list[str] = field(
+        default_factory=lambda: [drop_in.LONG_CLIP_ID],
+        metadata={"help": "multi_eval_long recordings the long-form cases run on, each in turn (all three: "
+                          "sonnet1_librivox mfa_author_joined pocketsphinx_joined)."})
 
 
 def main():
@@ -49,10 +53,15 @@ def main():
     mha = WhisperForConditionalGeneration.from_pretrained(folder).eval()
     sets = ensure_multi_speaker_speech()
     short = drop_in.read_clips(sets["multi_eval"], drop_in.SHORT_CLIP_IDS)
-    long = drop_in.read_clips(sets["multi_eval_long"], [drop_in.LONG_CLIP_ID])[0]
-    inputs = drop_in.model_inputs(processor, short, long)
-    cases = [c for c in drop_in.cases(processor.get_prompt_ids("Asterisk, Kennedy, Montreal.", return_tensors="pt"))
-             if mha.generation_config.is_multilingual or not c.multilingual]
+    inputs, cases = {}, []
+    matrix = [c for c in drop_in.cases(processor.get_prompt_ids("Asterisk, Kennedy, Montreal.", return_tensors="pt"))
+              if mha.generation_config.is_multilingual or not c.multilingual]
+    for clip_id, long in zip(args.long_clip_ids, drop_in.read_clips(sets["multi_eval_long"], args.long_clip_ids)):
+        for name, value in drop_in.model_inputs(processor, short, long).items():
+            inputs[name if name in ("short", "one") else f"{name} {clip_id}"] = value
+        cases += [replace(c, name=f"{c.name} ({clip_id})", inputs=f"{c.inputs} {clip_id}") for c in matrix
+                  if c.inputs in ("long", "mixed")]
+    cases = [c for c in matrix if c.inputs not in ("long", "mixed")] + cases
     reference = {c.name: drop_in.outputs_of(drop_in.generate(mha, inputs[c.inputs], c.kwargs), c.compare)
                  for c in cases}
     # 2. each layout through every case

@@ -376,6 +376,7 @@ def convert_whisper_to_mla(
     new_state.update(state)  # every other weight is carried over unchanged
 
     mla_model = WhisperMLAForConditionalGeneration(config).to(model.dtype)
+    mla_model.set_attn_implementation(model.config._attn_implementation)  # the kernel the original was loaded with
     expected = {k.removeprefix("model."): v for k, v in mla_model.state_dict().items() if k.startswith("model.")}
     missing, unexpected = sorted(set(expected) - set(new_state)), sorted(set(new_state) - set(expected))
     if missing or unexpected:
