@@ -456,6 +456,10 @@ def paired_throughput(settings: dict[str, dict], rounds: int, budget: int, log=p
             if name in errors:
                 continue
             outcome = supervise(settings[name], budget)
+            if outcome["status"] in ("killed", "out_of_memory", "machine_low"):
+                # at the limit a try fits by less than the run-to-run noise of RSS: one more try of the same batch
+                log(f"  throughput {name} round {round_index + 1}: {outcome['reason'][:120]}; trying it once more")
+                outcome = supervise(settings[name], budget)
             if outcome["status"] != "ok":
                 errors[name] = outcome["reason"]
                 log(f"  throughput {name} round {round_index + 1}: {outcome['status']} ({outcome['reason'][:160]})")
