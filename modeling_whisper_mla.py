@@ -132,8 +132,9 @@ class WhisperMLAAttention(WhisperAttention):
         width = packed.shape[-1]
         values, scale_bytes = packed.split([width - 8, 8], -1)
         scales = scale_bytes.contiguous().view(torch.float32).to(dtype)  # (B, 1, S, 2)
+        # one float copy of the entry, scaled in place: a second would double the transient of a large batch
         latent, kept = values.to(dtype).split([self.kv_lora_rank, width - 8 - self.kv_lora_rank], -1)
-        return latent * scales[..., :1], kept * scales[..., 1:]  # (B, 1, S, r), (B, 1, S, H*kept)
+        return latent.mul_(scales[..., :1]), kept.mul_(scales[..., 1:])  # (B, 1, S, r), (B, 1, S, H*kept)
 
     def absorbed_attention(
         self,
