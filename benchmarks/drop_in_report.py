@@ -40,6 +40,7 @@ class ReportArguments:
         default_factory=lambda: [drop_in.LONG_CLIP_ID],
         metadata={"help": "multi_eval_long recordings the long-form cases run on, each in turn (all three: "
                           "sonnet1_librivox mfa_author_joined pocketsphinx_joined)."})
+    long_form_only: bool = field(default=False, metadata={"help": "Run only the long-form cases."})
 
 
 def main():
@@ -61,7 +62,7 @@ def main():
             inputs[name if name in ("short", "one") else f"{name} {clip_id}"] = value
         cases += [replace(c, name=f"{c.name} ({clip_id})", inputs=f"{c.inputs} {clip_id}") for c in matrix
                   if c.inputs in ("long", "mixed")]
-    cases = [c for c in matrix if c.inputs not in ("long", "mixed")] + cases
+    cases = ([] if args.long_form_only else [c for c in matrix if c.inputs not in ("long", "mixed")]) + cases
     reference = {c.name: drop_in.outputs_of(drop_in.generate(mha, inputs[c.inputs], c.kwargs), c.compare)
                  for c in cases}
     # 2. each layout through every case
