@@ -28,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "generation_config.json", *REMOTE_CODE_FILES, "README.md",
                     "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 # What AutoModelForSpeechSeq2Seq.from_pretrained needs of them.
+# what from_pretrained downloads: the modeling file imports the pipeline file (model.pipeline_class), so it comes too
 MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json", "configuration_whisper_mla.py",
-               "modeling_whisper_mla.py"}
+               "modeling_whisper_mla.py", "pipeline_whisper_mla.py"}
 
 
 @pytest.fixture(scope="module")
