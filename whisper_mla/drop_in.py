@@ -7,6 +7,7 @@ returns what a user would compare: the sequences, and the scores, token timestam
 runs the lossy layouts (int8 cache, pooled or narrowed latents) through the same cases and reports their differences.
 """
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 import json
@@ -110,10 +111,11 @@ def model_inputs(processor, short_clips: list, long_clip: np.ndarray) -> dict:
 
 
 def generate(model, inputs: dict, kwargs: dict, seed: int = 0, prompt_ids=None):
-    """`model.generate(**inputs, **kwargs)` under `seed`; "self" as assistant_model is a copy of the model itself."""
+    """`model.generate(**inputs, **kwargs)` under `seed`; "self" as assistant_model is a copy of the model itself (a
+    copy: assisted generation rewrites its assistant's generation config, which would change later calls)."""
     kwargs = dict(kwargs)
     if kwargs.get("assistant_model") == "self":
-        kwargs["assistant_model"] = model
+        kwargs["assistant_model"] = copy.deepcopy(model)
     if kwargs.get("prompt_ids") == "prompt":
         kwargs["prompt_ids"] = prompt_ids
     if kwargs.get("alignment_heads") == "none":
@@ -126,8 +128,6 @@ def generate(model, inputs: dict, kwargs: dict, seed: int = 0, prompt_ids=None):
 
 
 def _without_alignment_heads(generation_config):
-    import copy
-
     config = copy.deepcopy(generation_config)
     config.alignment_heads = None
     return config
