@@ -7,13 +7,11 @@ differs from the original (rows of sequences, score gaps, segments) as a Markdow
     python benchmarks/drop_in_report.py --model tiny.en --output_dir outputs/drop_in
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from the checkout, like the run_*.py scripts
