@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import jiwer
 from transformers import AutoProcessor, HfArgumentParser, WhisperForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from the checkout, like the run_*.py scripts
 from whisper_mla import drop_in  # noqa: E402
 from whisper_mla.conversion import convert_whisper_to_mla  # noqa: E402
 from whisper_mla.io import write_json_atomic  # noqa: E402
+from whisper_mla.metrics import normalize_english  # noqa: E402
 from whisper_mla.packaged_models import ensure_packaged_model  # noqa: E402
 from whisper_mla.speech_data import ensure_multi_speaker_speech  # noqa: E402
 
@@ -27,6 +29,17 @@ LAYOUTS = {
     "int8 cache": {"mla_cache_quantization": "int8"},
     "cross frames pooled by 3": {"cross_latent_stride": 3},
 }
+
+
+def word_drift(processor, reference: dict, found: dict) -> str | None:
+    """How far the transcripts moved: word edits against the original's (normalised) text, or None when equal."""
+    texts = [[normalize_english(t) for t in processor.batch_decode(d["sequences"], skip_special_tokens=True)]
+             for d in (reference, found)]
+    if texts[0] == texts[1]:
+        return None
+    edits = jiwer.process_words(texts[0], texts[1])
+    errors, words = edits.substitutions + edits.deletions + edits.insertions, sum(len(t.split()) for t in texts[0])
+    return f"text: {errors} word edits in {words} ({100 * errors / words:.1f}% WER against the original)"
 
 
 @dataclass
@@ -75,6 +88,8 @@ def main():
             try:
                 found = drop_in.outputs_of(drop_in.generate(mla, inputs[case.inputs], case.kwargs), case.compare)
                 result = drop_in.differences(reference[case.name], found) or ["same"]
+                drift = word_drift(processor, reference[case.name], found)
+                result += [drift] if drift else ([] if result == ["same"] else ["text: the same words"])
             except Exception as error:  # a case that fails is what this report exists to show
                 result = [f"FAILED: {type(error).__name__}: {str(error)[:200]}"]
             rows[layout][case.name] = result
